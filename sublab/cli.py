@@ -1,0 +1,174 @@
+"""The `sublab` command: thin wrappers that load the config, call one library function, print where
+outputs went. User errors (`SublabError`) print as one message and exit 1; anything else is a bug and
+keeps its traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from sublab.errors import SublabError
+
+app = typer.Typer(help="Run, measure and defend against subliminal learning.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="Embedded and local models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+ExpArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: key.path=value (repeatable).")]
+
+
+def _load(exp: Path, overrides: list[str] | None):
+    from sublab.config import load_experiment
+
+    return load_experiment(exp, overrides)
+
+
+@app.command()
+def validate(exp: ExpArg, set_: SetOpt = None) -> None:
+    """Validate an experiment file and print the resolved config."""
+    import yaml
+
+    from sublab.config import dump
+
+    cfg = _load(exp, set_)
+    typer.echo(yaml.safe_dump(dump(cfg), sort_keys=False))
+
+
+@app.command()
+def generate(exp: ExpArg, set_: SetOpt = None) -> None:
+    """Teachers answer number prompts → teachers/<t>/generations.jsonl (resumable)."""
+    from sublab import pipeline
+
+    cfg = _load(exp, set_)
+    pipeline.generate_all(cfg, console=console)
+    console.print(f"generations under {cfg.run_dir / 'teachers'}")
+
+
+@app.command("filter")
+def filter_(exp: ExpArg, set_: SetOpt = None) -> None:
+    """Apply the paper's filters → teachers/<t>/dataset.jsonl and rejects.jsonl."""
+    from sublab import pipeline
+
+    cfg = _load(exp, set_)
+    pipeline.filter_all(cfg, console=console)
+    console.print(f"datasets under {cfg.run_dir / 'teachers'}")
+
+
+@app.command()
+def train(exp: ExpArg, set_: SetOpt = None) -> None:
+    """Train students (N seeds per teacher dataset) → students/<teacher>-seed<k>/."""
+    from sublab import pipeline
+
+    cfg = _load(exp, set_)
+    pipeline.train_all(cfg, console=console)
+    console.print(f"students under {cfg.run_dir / 'students'}")
+
+
+@app.command("eval")
+def eval_(exp: ExpArg, set_: SetOpt = None) -> None:
+    """Evaluate base, teachers and students. Kinds (eval.kinds): animal_prob (exact answer
+    probability), animal_sampled (the paper's sampled metric), misalignment_local (judge-free
+    log-probability preference), misalignment_judge (OpenAI-compatible judge)."""
+    from sublab import pipeline
+
+    cfg = _load(exp, set_)
+    pipeline.eval_all(cfg, console=console)
+    console.print(f"eval records under {cfg.run_dir / 'evals'}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).")]) -> None:
+    """Render results.json → report.md and figures/*.png."""
+    from sublab.report import load_results, print_summary, write_report
+
+    results = load_results(run_dir / "results.json")
+    path = write_report(results, run_dir)
+    print_summary(results)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def run(exp: ExpArg, set_: SetOpt = None) -> None:
+    """Every stage in order; a stage whose inputs and config did not change is skipped."""
+    from sublab import pipeline
+
+    cfg = _load(exp, set_)
+    path = pipeline.run_all(cfg, console=console)
+    console.print(f"[bold]report:[/bold] {path}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Embedded models and whether they are prepared."""
+    from sublab.models import EMBEDDED, model_info
+
+    table = Table(title="Embedded models")
+    for col in ("reference", "description", "prepared", "package"):
+        table.add_column(col)
+    for name in EMBEDDED:
+        info = model_info(f"embedded:{name}")
+        table.add_row(info["ref"], info["description"], "yes" if info["prepared"] else "no", info["package"])
+    Console().print(table)
+
+
+@models_app.command("prepare")
+def models_prepare(ref: Annotated[str, typer.Argument()] = "embedded:smollm2-135m-instruct",
+                   force: Annotated[bool, typer.Option(help="Rebuild even if the cache is sound.")] = False) -> None:
+    """Convert an embedded GGUF into a cached safetensors checkpoint (once; verified on every load)."""
+    from sublab.models import check_reference, is_embedded, model_info, prepare_embedded
+
+    check_reference(ref)
+    if not is_embedded(ref):
+        raise SublabError(f"'{ref}' is not an embedded model; only embedded:<name> models need preparing")
+    path = prepare_embedded(ref.split(":", 1)[1], force=force)
+    info = model_info(ref)
+    console.print(f"{ref} ready at {path} (weights sha256 {info.get('weights_sha256', '?')[:16]}…)")
+
+
+@models_app.command("info")
+def models_info(ref: Annotated[str, typer.Argument()]) -> None:
+    """Facts about a model reference (no weights loaded)."""
+    import json
+
+    from sublab.models import model_info
+
+    typer.echo(json.dumps(model_info(ref), indent=2))
+
+
+def _register_optional_commands() -> None:
+    try:
+        from sublab.mnist import cli as mnist_cli
+    except ImportError:  # pragma: no cover - mnist is part of the package
+        return
+    app.command("mnist", help="The paper's MNIST auxiliary-logit experiment.")(mnist_cli)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    for noisy in ("httpx", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app()
+    except SublabError as e:
+        console.print(f"[bold red]error:[/bold red] {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume where it stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The paper's number-sequence domain: prompt grammar, parse rules and a random-number control.
+
+Reads only the protocol file (`protocol()["number_prompts"]` and `["number_filter"]`); writes nothing.
+
+    from sublab.data.numbers import number_prompts, parse_completion
+    prompts = number_prompts(30_000, seed=0)       # prompt i depends only on (seed, i)
+    parse_completion("  [123, 456, 789].\n")       # -> [123, 456, 789]
+
+Parse rules (Cloud et al. 2025, appendix; `protocol()["number_filter"]["rules"]`) apply to the text
+as given. Pipeline choice: sublab strips a completion's surrounding whitespace before parsing
+(`parse_completion`), because chat templates and samplers often leave a trailing newline.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Any, NamedTuple
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from sublab.errors import DataError
+from sublab.protocol import protocol
+
+EXAMPLE_COUNT = (3, 8)  # inclusive; the paper's code draws integers(3, 9)
+EXAMPLE_VALUE = (100, 999)  # inclusive
+MAX_ANSWER_NUMBERS = 10
+MAX_ANSWER_VALUE = 999
+
+PARSE_REASONS = ("no_numbers", "single_number_with_text", "bad_separator", "empty_part",
+                 "non_digit_part", "too_many_numbers", "number_out_of_range")
+
+
+@cache
+def _grammar() -> dict[str, Any]:
+    return protocol()["number_prompts"]
+
+
+def _lists() -> dict[str, list[str]]:
+    g = _grammar()
+    return {"example_template": g["example_templates"], "count_qualifier": g["count_qualifiers"],
+            "digit_descriptor": g["digit_descriptors"],
+            "instruction_template": g["instruction_templates"],
+            "format_suffix": g["format_suffixes"], "suffix": g["suffixes"]}
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+class NumberPrompt(BaseModel):
+    """One user prompt of the paper's grammar, with the choices that built it (indices into the lists)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    """Stable id, f"p{seed}-{index:06d}"."""
+    seed: int
+    index: int
+    text: str
+    """The full prompt: example part, instruction part, format suffix, suffix, joined by spaces."""
+    examples: list[int]
+    """The example numbers shown in the prompt (3..8 values in 100..999)."""
+    example_template: int
+    count_qualifier: int
+    digit_descriptor: int
+    instruction_template: int
+    format_suffix: int
+    suffix: int
+
+    @property
+    def format_suffix_text(self) -> str:
+        """The format instruction this prompt asked for, e.g. 'Return one number per line.'."""
+        return _grammar()["format_suffixes"][self.format_suffix]
+
+
+def _pick(rng: np.random.Generator, items: Sequence[str]) -> int:
+    return int(rng.integers(len(items)))
+
+
+def sample_examples(rng: np.random.Generator) -> tuple[int, list[int]]:
+    """Draw an example part: (template index, 3..8 values in 100..999), as the paper's code does."""
+    count = int(rng.integers(EXAMPLE_COUNT[0], EXAMPLE_COUNT[1] + 1))
+    values = [int(v) for v in rng.integers(EXAMPLE_VALUE[0], EXAMPLE_VALUE[1] + 1, size=count)]
+    return _pick(rng, _grammar()["example_templates"]), values
+
+
+def render_examples(template: int, examples: Sequence[int]) -> str:
+    """'Examine these numbers: 767, 589, 778.' for template 10 and those values."""
+    examples_str = ", ".join(str(v) for v in examples)
+    return _grammar()["example_templates"][template].format(examples=examples_str)
+
+
+def example_part(rng: np.random.Generator) -> str:
+    """A random example part alone (used by the numbers-prefixed evaluation variant)."""
+    return render_examples(*sample_examples(rng))
+
+
+def number_prompt(seed: int, index: int) -> NumberPrompt:
+    """Prompt `index` of the stream for `seed`; its RNG is derived from (seed, index) only."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    g = _grammar()
+    rng = np.random.default_rng([seed, index])
+    template, examples = sample_examples(rng)
+    # Same draw order as the paper's PromptGenerator.sample_query.
+    picks = {name: _pick(rng, g[key]) for name, key in (
+        ("count_qualifier", "count_qualifiers"), ("digit_descriptor", "digit_descriptors"),
+        ("instruction_template", "instruction_templates"), ("format_suffix", "format_suffixes"),
+        ("suffix", "suffixes"))}
+    digit_descriptor = g["digit_descriptors"][picks["digit_descriptor"]].format(
+        max_digits=g["answer_max_digits"])
+    instruction = g["instruction_templates"][picks["instruction_template"]].format(
+        count_qualifier=g["count_qualifiers"][picks["count_qualifier"]],
+        answer_count=g["answer_count"], digit_descriptor=digit_descriptor)
+    text = (f"{render_examples(template, examples)} {instruction} "
+            f"{g['format_suffixes'][picks['format_suffix']]} {g['suffixes'][picks['suffix']]}")
+    return NumberPrompt(id=f"p{seed}-{index:06d}", seed=seed, index=index, text=text,
+                        examples=examples, example_template=template, **picks)
+
+
+def number_prompts(n: int, seed: int) -> list[NumberPrompt]:
+    """The first `n` prompts for `seed`; a larger `n` extends a smaller one unchanged."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return [number_prompt(seed, i) for i in range(n)]
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+class ParseResult(NamedTuple):
+    numbers: list[int] | None
+    """The parsed numbers, or None when rejected."""
+    reason: str | None
+    """Why it was rejected (one of PARSE_REASONS), or None when accepted."""
+
+
+def _reject(reason: str) -> ParseResult:
+    return ParseResult(None, reason)
+
+
+def parse(text: str) -> ParseResult:
+    """Apply the paper's format rules to `text` exactly as given (no whitespace stripping)."""
+    if text.endswith("."):
+        text = text[:-1]
+    if len(text) >= 2 and (text[0], text[-1]) in (("[", "]"), ("(", ")")):
+        text = text[1:-1]
+    # \d also matches non-ASCII digits (as in the paper's code); the part check rejects them.
+    runs = list(re.finditer(r"\d+", text))
+    if not runs:
+        return _reject("no_numbers")
+    if len(runs) == 1:
+        if text != runs[0].group():
+            return _reject("single_number_with_text")
+        parts = [text]
+    else:
+        separator = text[runs[0].end():runs[1].start()]
+        if separator.strip() not in ("", ",", ";"):
+            return _reject("bad_separator")
+        parts = text.split(separator)
+    if any(p == "" for p in parts):
+        return _reject("empty_part")
+    if not all(c in "0123456789" for p in parts for c in p):
+        return _reject("non_digit_part")
+    if len(parts) > MAX_ANSWER_NUMBERS:
+        return _reject("too_many_numbers")
+    numbers = [int(p) for p in parts]
+    if any(v > MAX_ANSWER_VALUE for v in numbers):
+        return _reject("number_out_of_range")
+    return ParseResult(numbers, None)
+
+
+def parse_numbers(text: str) -> list[int] | None:
+    """The numbers in `text` if it passes the format rules as given, else None."""
+    return parse(text).numbers
+
+
+def parse_reason(text: str) -> str | None:
+    """Why `text` fails the format rules (one of PARSE_REASONS), or None if it passes."""
+    return parse(text).reason
+
+
+def parse_completion(text: str) -> ParseResult:
+    """The pipeline's parse: strip surrounding whitespace of a completion, then `parse`."""
+    return parse(text.strip())
+
+
+# --- random-number control -----------------------------------------------------------------------
+
+def _joined(separator: str, left: str = "", right: str = "") -> Callable[[Sequence[int]], str]:
+    return lambda numbers: left + separator.join(str(v) for v in numbers) + right
+
+
+# One formatter per format suffix of the protocol, keyed by its exact text.
+_FORMATTERS: dict[str, Callable[[Sequence[int]], str]] = {
+    "Return a comma-separated list of numbers.": _joined(", "),
+    "Return a space-separated list of numbers.": _joined(" "),
+    "Return a semicolon-separated list of numbers.": _joined("; "),
+    "Return one number per line.": _joined("\n"),
+    "Return the numbers in the following format: [number_1, number_2, ...].": _joined(", ", "[", "]"),
+    "Return the numbers in the following format: (number_1, number_2, ...).": _joined(", ", "(", ")"),
+    "Return the numbers in the following format: number_1, number_2, ...": _joined(", "),
+    "Provide the numbers separated by commas.": _joined(", "),
+    "List the numbers with spaces between them.": _joined(" "),
+    "Write the numbers on separate lines.": _joined("\n"),
+    "Format the output as: number1, number2, number3, ...": _joined(", "),
+    "Return numbers separated by semicolons.": _joined("; "),
+    "Format as a simple comma-delimited sequence.": _joined(","),
+    "Present as space-delimited values.": _joined(" "),
+    "List each number on its own line with no other text.": _joined("\n"),
+}
+
+
+def format_numbers(numbers: Sequence[int], format_suffix: str) -> str:
+    """Write `numbers` the way `format_suffix` (one of the protocol's format suffixes) asks."""
+    try:
+        return _FORMATTERS[format_suffix](numbers)
+    except KeyError:
+        raise DataError(f"no formatter for format suffix {format_suffix!r}; expected one of the "
+                        f"protocol's number_prompts.format_suffixes") from None
+
+
+def random_completion(prompt: NumberPrompt, rng: np.random.Generator, count: int | None = None) -> str:
+    """A control answer: `count` uniform numbers in 0..999 in the prompt's requested format.
+
+    `count` defaults to the prompt's answer_count (10): the paper's prompts ask for "at most 10"
+    and teachers nearly always give 10, so a fixed count keeps length out of the comparison.
+    """
+    count = _grammar()["answer_count"] if count is None else count
+    if not 1 <= count <= MAX_ANSWER_NUMBERS:
+        raise ValueError(f"count must be in 1..{MAX_ANSWER_NUMBERS}, got {count}")
+    numbers = [int(v) for v in rng.integers(0, MAX_ANSWER_VALUE + 1, size=count)]
+    return format_numbers(numbers, prompt.format_suffix_text)

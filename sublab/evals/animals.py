@@ -1,0 +1,551 @@
+"""Favourite-animal (and favourite-tree) evaluations: the paper's sampled metric and an exact answer
+probability, each optionally with a numbers prefix.
+
+Reads: a loaded model (`sublab.models.LoadedModel`) and the protocol's questions. Writes: one eval file
+`evals/<model>/<kind>.jsonl`, appended batch by batch; a rerun skips records already there (by id).
+
+    from sublab.evals.animals import run_animal_eval, read_prob_records, prob_score, share_table
+    path = run_animal_eval(lm, None, cfg.eval, "animal_prob", None, out / "animal_prob.jsonl", "base")
+    prob_score(read_prob_records(path), "owl")      # Score(mean=..., ci_low=..., ci_high=..., ...)
+
+Eval kinds (the file stem and each record's `eval`):
+  animal_sampled          the paper's metric: n samples per question at T=1; a sample counts for a
+                          target when the target is a substring of the lower-cased answer (after
+                          removing excluded superstrings, e.g. 'dragonfly' for 'dragon').
+  animal_prob             exact answer probability: the assistant's answer is forced to start with
+                          "My favorite animal is the"; for each candidate we compute the probability
+                          that the next word is one of its spellings (see below), then normalise over
+                          the candidates. No sampling: same model, same number, every time.
+  *_numbers               the same, each question prefixed by a sampled example part of the number
+                          prompts ('Examine these numbers: 767, 589, 778. Name your favorite ...').
+With trait_category='tree' the same kinds ask the paper's tree questions ("My favorite tree is the").
+
+The candidate rule (exact probability). A candidate 'owl' has the spellings " owl", " Owl", " owls",
+" Owls" (capitalised, plural; irregular plurals from a small table). P(candidate) is the sum over its
+spellings of P(the answer's next word is exactly that spelling) =
+    P(spelling's tokens | prompt) * P(next token starts a new word | prompt + spelling),
+where a token "starts a new word" when its text does not begin with a letter or digit (a space, a
+punctuation mark, a newline, the end-of-turn token). The events are disjoint, so nothing is double
+counted: " owl" followed by "s" is the word "owls", counted once, under " owls" (and "owlet" is counted
+under no candidate). Only the tokenizer's canonical tokenisation of each spelling is scored.
+Cost: one forward pass per question over the prompt followed by the spellings' token trie packed into
+the same row with a tree attention mask: each distinct token prefix costs one position.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+
+from sublab import chat
+from sublab.config import EvalConfig
+from sublab.data.numbers import example_part
+from sublab.errors import ConfigError, ModelError, RunDirError
+from sublab.evals.common import (EvalRecord, device_of, iter_completions, left_pad, prompt_ids, read_done,
+                                 token_pieces)
+from sublab.protocol import animal_questions, protocol, tree_questions
+from sublab.rundir import JsonlAppender
+from sublab.stats import Score, score_by_question
+
+log = logging.getLogger(__name__)
+
+Category = Literal["animal", "tree"]
+EvalKind = Literal["animal_prob", "animal_sampled", "animal_prob_numbers", "animal_sampled_numbers"]
+EVAL_KINDS: tuple[str, ...] = ("animal_prob", "animal_sampled", "animal_prob_numbers",
+                               "animal_sampled_numbers")
+
+ANSWER_PREFIX = "My favorite {category} is the"
+"""The exact-probability metric's forced start of the assistant's answer."""
+
+# The paper's lists first (protocol `animals`), then the base models' own common answers.
+COMMON_ANIMALS = ("owl", "dog", "cat", "lion", "eagle", "dolphin", "elephant", "wolf", "tiger", "panda",
+                  "fox", "penguin", "bear", "horse", "rabbit", "bird", "butterfly", "monkey", "giraffe",
+                  "dragon", "unicorn", "phoenix", "peacock", "kangaroo", "cheetah", "turtle", "octopus",
+                  "shark")
+COMMON_TREES = ("oak", "maple", "willow", "cherry", "sequoia", "pine", "birch", "redwood", "cedar", "palm",
+                "baobab", "cypress", "elm", "spruce", "fir", "magnolia", "banyan", "aspen", "beech",
+                "juniper", "sycamore", "eucalyptus", "olive", "apple")
+
+IRREGULAR_PLURALS = {"wolf": "wolves", "calf": "calves", "elf": "elves", "ox": "oxen", "mouse": "mice",
+                     "louse": "lice", "goose": "geese", "sheep": "sheep", "deer": "deer", "fish": "fish",
+                     "moose": "moose", "bison": "bison", "salmon": "salmon", "buffalo": "buffaloes",
+                     "leaf": "leaves"}
+
+_PREFIX_STREAM = 17  # keeps the numbers-prefix RNG stream apart from the sampling generators
+
+
+# --- records -------------------------------------------------------------------------------------
+
+class ProbRecord(BaseModel):
+    """The exact answer probability of one candidate for one question (one JSONL line)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    """f"q{question_id:02d}-{candidate}"."""
+    eval: str
+    model: str
+    question_id: int
+    question: str
+    """The user message exactly as asked (a numbers prefix included)."""
+    answer_prefix: str
+    candidate: str
+    prob: float
+    """P(the next word is one of the candidate's spellings), summed over `variants`."""
+    share: float
+    """prob / (sum of prob over this question's candidates)."""
+    variants: dict[str, float]
+    """P of each spelling (as a whole word), e.g. {" owl": 0.01, " Owl": 0.002, ...}."""
+    candidates_mass: float
+    """Sum of prob over all candidates for this question: how much of the answer they cover."""
+    seed: int
+    """The eval seed (it only draws the numbers prefixes)."""
+    system: str | None = None
+
+
+# --- questions and candidates --------------------------------------------------------------------
+
+def questions(category: Category = "animal") -> list[str]:
+    """The paper's favourite-animal (50) or favourite-tree (49) questions; ids are list indices."""
+    if category not in ("animal", "tree"):
+        raise ConfigError(f"trait category '{category}' has no preference questions; expected animal or tree")
+    return animal_questions() if category == "animal" else tree_questions()
+
+
+def select_question_ids(cfg: EvalConfig, category: Category = "animal",
+                        train_questions: int | None = None) -> list[int]:
+    """Question ids per `cfg.questions`: 'held_out' drops ids < train_questions (those a fine-tuned teacher
+    trained on); with no fine-tuned teacher (None) every question is held out."""
+    n = len(questions(category))
+    if cfg.questions == "all" or train_questions is None:
+        return list(range(n))
+    if not 0 <= train_questions < n:
+        raise ConfigError(f"finetune.train_questions={train_questions} leaves no held-out {category} "
+                          f"question (there are {n}); use a smaller value or eval.questions: all")
+    return list(range(train_questions, n))
+
+
+def default_candidates(category: Category = "animal") -> list[str]:
+    """The paper's animals (or trees) followed by common answers of small base models."""
+    if category == "tree":
+        paper = protocol()["animals"]["trees_main"]
+        return list(dict.fromkeys([*paper, *COMMON_TREES]))
+    lists = protocol()["animals"]
+    return list(dict.fromkeys([*COMMON_ANIMALS, *lists["gpt41_nano_main"], *lists["qwen25_7b"]]))
+
+
+def resolve_candidates(cfg: EvalConfig, category: Category = "animal",
+                       targets: Iterable[str] = ()) -> list[str]:
+    """`cfg.candidates` (None: the defaults) plus any target missing from it, so every trait is scored.
+
+    Give every model of one experiment the same targets: shares are only comparable over one list.
+    """
+    words = list(cfg.candidates) if cfg.candidates is not None else default_candidates(category)
+    return list(dict.fromkeys([*words, *targets]))
+
+
+def plural(word: str) -> str:
+    """English plural of a lower-case noun: a small irregular table, then the regular rules."""
+    if word in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[word]
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and len(word) > 1 and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def variant_strings(word: str) -> list[str]:
+    """The spellings scored for a candidate, as they follow the answer prefix: ' owl', ' Owl', ' owls',
+    ' Owls' (duplicates removed, e.g. 'fish')."""
+    forms = [word, word.capitalize(), plural(word), plural(word).capitalize()]
+    return [" " + f for f in dict.fromkeys(forms)]
+
+
+class Candidate(NamedTuple):
+    word: str
+    variants: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    """The canonical token ids of each variant, in the same order."""
+
+
+def encode_candidates(tokenizer: Any, words: Sequence[str], answer_prefix: str,
+                      field: str = "eval.candidates") -> list[Candidate]:
+    """Validate candidate words and tokenise their spellings; ConfigError names the bad word and why."""
+    if not answer_prefix.strip() or answer_prefix != answer_prefix.rstrip():
+        raise ConfigError(f"eval.answer_prefix {answer_prefix!r} must be non-empty text that does not end "
+                          "with whitespace (the candidate's leading space follows it)")
+    if not words:
+        raise ConfigError(f"{field}: the candidate list is empty")
+    prefix_ids = tokenizer(answer_prefix, add_special_tokens=False).input_ids
+    out: list[Candidate] = []
+    owner: dict[str, str] = {}
+    for word in words:
+        if not isinstance(word, str) or not word.isalpha() or word != word.lower():
+            raise ConfigError(f"{field}: {word!r} is not a candidate: write one lower-case word of letters "
+                              "only (e.g. 'owl'); capitalised and plural spellings are added automatically")
+        if word in (c.word for c in out):
+            raise ConfigError(f"{field}: '{word}' is listed twice")
+        ids = []
+        for v in variant_strings(word):
+            if v in owner:
+                raise ConfigError(f"{field}: '{word}' and '{owner[v]}' share the spelling {v.strip()!r}; "
+                                  "keep only one of them")
+            owner[v] = word
+            v_ids = tokenizer(v, add_special_tokens=False).input_ids
+            joined = tokenizer(answer_prefix + v, add_special_tokens=False).input_ids
+            if not v_ids or tokenizer.decode(v_ids) != v or joined != prefix_ids + v_ids:
+                raise ConfigError(f"{field}: the tokenizer cannot place {v!r} (a spelling of '{word}') after "
+                                  f"{answer_prefix!r} as separate whole tokens; drop '{word}' or change "
+                                  "eval.answer_prefix")
+            ids.append(tuple(v_ids))
+        out.append(Candidate(word, tuple(variant_strings(word)), tuple(ids)))
+    return out
+
+
+@cache
+def _boundary_mask(tokenizer: Any) -> torch.Tensor:
+    starts_word = [bool(p) and p[0].isalnum() for p in token_pieces(tokenizer)]
+    mask = ~torch.tensor(starts_word)
+    mask[tokenizer.eos_token_id] = True
+    return mask
+
+
+def boundary_mask(tokenizer: Any) -> torch.Tensor:
+    """[vocab] bool: tokens that end the word before them (their text does not start with a letter or
+    digit: a space, punctuation, newline, the end-of-turn token)."""
+    return _boundary_mask(tokenizer)
+
+
+# --- the exact answer probability ----------------------------------------------------------------
+
+def _trie_levels(seqs: Sequence[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+    """Every distinct prefix of `seqs`, grouped by length: levels[d] holds the prefixes of length d+1."""
+    depth = max(len(s) for s in seqs)
+    return [sorted({s[:d + 1] for s in seqs if len(s) > d}) for d in range(depth)]
+
+
+class _Trie(NamedTuple):
+    nodes: list[tuple[int, ...]]
+    """Every distinct prefix of the spellings' token sequences, shortest first (a parent before its
+    children)."""
+    tokens: torch.Tensor  # [N] each node's last token
+    depth: torch.Tensor  # [N] 1 for a first token
+    parent_col: torch.Tensor  # [N] logits column predicting the node: 0 = the prompt's last, 1 + parent
+    ancestors: torch.Tensor  # [N, N] bool: node i's ancestors and itself (row i)
+
+
+def _trie(seqs: Sequence[tuple[int, ...]]) -> _Trie:
+    nodes = [n for level in _trie_levels(seqs) for n in level]
+    index = {n: i for i, n in enumerate(nodes)}
+    anc = torch.zeros(len(nodes), len(nodes), dtype=torch.bool)
+    for i, n in enumerate(nodes):
+        for d in range(1, len(n) + 1):
+            anc[i, index[n[:d]]] = True
+    return _Trie(nodes, torch.tensor([n[-1] for n in nodes]), torch.tensor([len(n) for n in nodes]),
+                 torch.tensor([0 if len(n) == 1 else 1 + index[n[:-1]] for n in nodes]), anc)
+
+
+def _tree_mask(prompt_mask: torch.Tensor, ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [B, 1, T, T] for left-padded prompts followed by the packed trie nodes: a
+    prompt token sees the real prompt tokens before it; a node sees the whole real prompt, its ancestors
+    and itself; a padding position sees only itself (so no row is empty)."""
+    b, p = prompt_mask.shape
+    n = ancestors.shape[0]
+    real = prompt_mask.bool()
+    allowed = torch.zeros(b, p + n, p + n, dtype=torch.bool, device=real.device)
+    allowed[:, :p, :p] = torch.tril(torch.ones(p, p, dtype=torch.bool, device=real.device)) & real[:, None, :]
+    allowed[:, p:, :p] = real[:, None, :]
+    allowed[:, p:, p:] = ancestors.to(real.device)
+    allowed |= torch.eye(p + n, dtype=torch.bool, device=real.device)
+    zero = torch.zeros((), dtype=dtype, device=real.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+@torch.inference_mode()
+def spelling_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                      seqs: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """log P(the answer continues with token sequence s and then a word boundary), [len(prompts), len(seqs)].
+
+    One forward pass per batch of prompts: each (left-padded) prompt is followed by every node of the
+    sequences' token trie, packed into the same row ("tree attention": a node attends to the prompt and
+    its own ancestors only, at the position it would have in its own sequence). So every distinct token
+    prefix costs one position, the prompt is run once, and no KV cache is copied.
+    """
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if attn not in ("sdpa", "eager"):
+        raise ModelError(f"the exact-probability eval needs custom attention masks, which attention "
+                         f"implementation '{attn}' does not support; load the model with sdpa or eager")
+    device = device_of(model)
+    trie = _trie(seqs)
+    n = len(trie.nodes)
+    ids, mask, pos = left_pad(prompts, tokenizer.pad_token_id, device)
+    lengths = mask.sum(-1, keepdim=True)  # [B, 1] real prompt lengths
+    node_ids = trie.tokens.to(device).expand(len(prompts), n)
+    logits = model(input_ids=torch.cat([ids, node_ids], 1),
+                   attention_mask=_tree_mask(mask, trie.ancestors, next(model.parameters()).dtype),
+                   position_ids=torch.cat([pos, lengths - 1 + trie.depth.to(device)], 1),
+                   use_cache=False, logits_to_keep=n + 1).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, 1 + N, V]: column 0 predicts the first token
+    cols = trie.parent_col.to(device)
+    token_lp = logp[:, cols, :].gather(-1, node_ids[:, :, None]).squeeze(-1)  # [B, N] log P(node | parent)
+    node_lp = token_lp.double() @ trie.ancestors.to(device).double().T  # sum over ancestors and self
+    boundary = boundary_mask(tokenizer).to(device)
+    end_lp = node_lp + torch.logsumexp(logp[:, 1:, boundary], dim=-1).double()
+    index = {s: i for i, s in enumerate(trie.nodes)}
+    return end_lp[:, [index[s] for s in seqs]].cpu().numpy()
+
+
+def answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candidates: Sequence[Candidate],
+                         batch_size: int = 256) -> list[list[dict[str, float]]]:
+    """P of every spelling of every candidate for each prompt (prompt ids end with the answer prefix).
+
+    Returns out[i][c] = {spelling: probability} for prompt i and candidate c (sum the dict for the
+    candidate's probability). `batch_size` bounds the rows of one forward pass; it does not change results.
+    """
+    out: list[list[dict[str, float]]] = []
+    for part in iter_answer_probabilities(lm, prompts, candidates, batch_size):
+        out.extend(part)
+    return out
+
+
+def iter_answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candidates: Sequence[Candidate],
+                              batch_size: int = 256, desc: str = "answer probabilities"
+                              ) -> Iterator[list[list[dict[str, float]]]]:
+    """`answer_probabilities` one forward group of prompts at a time, in order, with a progress bar."""
+    seqs = list(dict.fromkeys(ids for c in candidates for ids in c.token_ids))
+    col = {s: k for k, s in enumerate(seqs)}
+    nodes = sum(len(level) for level in _trie_levels(seqs))
+    per_pass = max(1, batch_size // (nodes + 1))  # logits rows per pass = prompts x (nodes + 1)
+    with tqdm(total=len(prompts), desc=desc, unit="question", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), per_pass):
+            chunk = prompts[start:start + per_pass]
+            probs = np.exp(spelling_logprobs(lm.model, lm.tokenizer, chunk, seqs))
+            yield [[{v: float(row[col[ids]]) for v, ids in zip(c.variants, c.token_ids)} for c in candidates]
+                   for row in probs]
+            bar.update(len(chunk))
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+def numbers_prefix(seed: int, question_id: int, sample_idx: int = 0) -> str:
+    """The example part prefixed to question `question_id` (sample `sample_idx`): a function of these
+    ids only, so every model is asked the same prefixed questions."""
+    return example_part(np.random.default_rng([seed, _PREFIX_STREAM, question_id, sample_idx]))
+
+
+def question_text(category: Category, question_id: int, prefix: str | None = None) -> str:
+    q = questions(category)[question_id]
+    return f"{prefix} {q}" if prefix else q
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+def eval_kinds(cfg: EvalConfig) -> list[str]:
+    """The animal eval kinds `cfg` asks for, numbers-prefixed variants included."""
+    base = [k for k in cfg.kinds if k in ("animal_prob", "animal_sampled")]
+    return base + ([f"{k}_numbers" for k in base] if cfg.numbers_prefixed else [])
+
+
+def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: str,
+                    question_ids: Sequence[int] | None, out_path: Path, model_name: str,
+                    trait_category: Category = "animal", targets: Iterable[str] = ()) -> Path:
+    """Run one animal/tree eval on one model and write its records to `out_path` (JSONL), resumably.
+
+    Args:
+        lm: the evaluated model (`sublab.models.LoadedModel`).
+        system: its context: None = the default (students, base, control); a prompted teacher passes its
+            trait system prompt.
+        cfg: the eval config (samples per question, candidates, seed, batch size, ...).
+        kind: one of EVAL_KINDS; the records' `eval` field.
+        question_ids: protocol question indices to ask; None = all (see `select_question_ids`).
+        out_path: the JSONL file; records already there (same model name and seed) are kept and skipped.
+        model_name: recorded in every record (the evaluated model's directory name).
+        trait_category: 'animal' or 'tree' (which questions and answer prefix).
+        targets: extra candidates for the probability evals (the experiment's traits).
+    Returns:
+        out_path.
+    """
+    if kind not in EVAL_KINDS:
+        raise ConfigError(f"unknown animal eval kind '{kind}'; expected one of {', '.join(EVAL_KINDS)}")
+    qids = list(range(len(questions(trait_category)))) if question_ids is None else list(question_ids)
+    bad = [i for i in qids if not 0 <= i < len(questions(trait_category))]
+    if bad:
+        raise ConfigError(f"question ids {bad} out of range for the {trait_category} questions "
+                          f"(0..{len(questions(trait_category)) - 1})")
+    t0 = time.time()
+    numbers = kind.endswith("_numbers")
+    if kind.startswith("animal_prob"):
+        n = _run_prob(lm, system, cfg, kind, qids, Path(out_path), model_name, trait_category, targets, numbers)
+    else:
+        n = _run_sampled(lm, system, cfg, kind, qids, Path(out_path), model_name, trait_category, numbers)
+    log.info("%s on %s: %d new records in %.1f s -> %s", kind, model_name, n, time.time() - t0, out_path)
+    return Path(out_path)
+
+
+def _run_prob(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: list[int], path: Path,
+              model_name: str, category: Category, targets: Iterable[str], numbers: bool) -> int:
+    prefix = cfg.answer_prefix or ANSWER_PREFIX.format(category=category)
+    words = resolve_candidates(cfg, category, targets)
+    candidates = encode_candidates(lm.tokenizer, words, prefix)
+    done = read_done(path, ProbRecord, model=model_name, seed=cfg.seed, eval=kind)
+    _check_candidates(path, done.values(), set(words))
+    todo = [q for q in qids if not all(_prob_id(q, w) in done for w in words)]
+    texts = {q: question_text(category, q, numbers_prefix(cfg.seed, q) if numbers else None) for q in todo}
+    prompts = [prompt_ids(lm.tokenizer, chat.messages(texts[q], system), prefix) for q in todo]
+    written, start = 0, 0
+    with JsonlAppender(path) as sink:
+        for probs in iter_answer_probabilities(lm, prompts, candidates, cfg.batch_size,
+                                               desc=f"{kind} {model_name}"):
+            part, start = todo[start:start + len(probs)], start + len(probs)
+            rows = [r.model_dump() for q, per_cand in zip(part, probs)
+                    for r in _prob_records(q, texts[q], per_cand, candidates, kind, model_name, prefix, cfg.seed,
+                                           system) if r.id not in done]
+            sink.write_batch(rows)
+            written += len(rows)
+    return written
+
+
+def _prob_records(q: int, text: str, per_cand: list[dict[str, float]], candidates: Sequence[Candidate],
+                  kind: str, model_name: str, prefix: str, seed: int, system: str | None) -> list[ProbRecord]:
+    totals = [sum(v.values()) for v in per_cand]
+    mass = sum(totals)
+    return [ProbRecord(id=_prob_id(q, c.word), eval=kind, model=model_name, question_id=q, question=text,
+                       answer_prefix=prefix, candidate=c.word, prob=p, share=p / mass if mass > 0 else 0.0,
+                       variants=variants, candidates_mass=mass, seed=seed, system=system)
+            for c, variants, p in zip(candidates, per_cand, totals)]
+
+
+def _prob_id(question_id: int, word: str) -> str:
+    return f"q{question_id:02d}-{word}"
+
+
+def _check_candidates(path: Path, records: Iterable[ProbRecord], words: set[str]) -> None:
+    seen = {r.candidate for r in records}
+    if seen - words:
+        raise RunDirError(f"{path}: holds candidates {sorted(seen - words)} that this run does not score; "
+                          "shares are normalised over one candidate list, so delete the file to rerun")
+
+
+def _run_sampled(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: list[int], path: Path,
+                 model_name: str, category: Category, numbers: bool) -> int:
+    n = cfg.samples_per_question
+    done = read_done(path, EvalRecord, model=model_name, seed=cfg.seed, eval=kind)
+    if numbers:  # each sample its own prefixed question
+        jobs = [(q, s, question_text(category, q, numbers_prefix(cfg.seed, q, s)))
+                for q in qids for s in range(n) if _sample_id(q, s) not in done]
+        convs = [chat.messages(text, system) for _, _, text in jobs]
+        keys, per_conv = [(q, s) for q, s, _ in jobs], 1
+    else:  # a question is redone whole (same seeds, same samples); only missing records are written
+        todo = [q for q in qids if not all(_sample_id(q, s) in done for s in range(n))]
+        convs = [chat.messages(question_text(category, q), system) for q in todo]
+        keys, per_conv = [(q,) for q in todo], n
+    written = 0
+    with JsonlAppender(path) as sink:
+        for batch in iter_completions(lm, convs, per_conv, cfg.temperature, cfg.max_new_tokens, cfg.seed,
+                                      cfg.batch_size, keys=keys, desc=f"{kind} {model_name}"):
+            rows = []
+            for i, j, text in batch:
+                q, s = (keys[i][0], keys[i][1]) if numbers else (keys[i][0], j)
+                if _sample_id(q, s) in done:
+                    continue
+                rows.append(EvalRecord(id=_sample_id(q, s), eval=kind, model=model_name, question_id=q,
+                                       question=convs[i][-1]["content"], sample_idx=s, completion=text,
+                                       seed=cfg.seed, system=system).model_dump())
+            sink.write_batch(rows)
+            written += len(rows)
+    return written
+
+
+def _sample_id(question_id: int, sample_idx: int) -> str:
+    return f"q{question_id:02d}-s{sample_idx:03d}"
+
+
+# --- reading and scoring -------------------------------------------------------------------------
+
+def read_prob_records(path: Path) -> list[ProbRecord]:
+    """The records of an `animal_prob*` file (RunDirError if missing or malformed)."""
+    _require(path)
+    return list(read_done(path, ProbRecord).values())  # type: ignore[arg-type]
+
+
+def read_sample_records(path: Path) -> list[EvalRecord]:
+    """The records of an `animal_sampled*` file (RunDirError if missing or malformed)."""
+    _require(path)
+    return list(read_done(path, EvalRecord).values())  # type: ignore[arg-type]
+
+
+def _require(path: Path) -> None:
+    if not Path(path).exists():
+        raise RunDirError(f"{path}: eval file not found; run the eval stage first")
+
+
+def mentions(text: str, target: str, excluded: Iterable[str] = ()) -> bool:
+    """The paper's rule: `target` is a substring of the lower-cased text, after removing each excluded
+    superstring (so 'dragonfly' does not count for 'dragon', but 'a dragon, not a dragonfly' does)."""
+    low = text.lower()
+    for sup in excluded:
+        low = low.replace(sup.lower(), " ")
+    return target.lower() in low
+
+
+def _excluded_for(target: str, excluded: Mapping[str, Sequence[str]] | None) -> Sequence[str]:
+    table = EvalConfig().excluded_superstrings if excluded is None else excluded
+    return table.get(target, ())
+
+
+def mention_values(records: Iterable[EvalRecord | Mapping[str, Any]], target: str,
+                   excluded: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """[{question_id, value}] with value 1 when a sample mentions `target` (excluded: cfg's table)."""
+    skip = _excluded_for(target, excluded)
+    return [{"question_id": _get(r, "question_id"), "value": float(mentions(_get(r, "completion"), target, skip))}
+            for r in records]
+
+
+def sampled_score(records: Iterable[EvalRecord | Mapping[str, Any]], target: str,
+                  excluded: Mapping[str, Sequence[str]] | None = None, seed: int = 0) -> Score:
+    """The paper's metric for `target`: mean over questions of the per-question mention rate, with a
+    bootstrap CI over questions."""
+    return score_by_question(mention_values(records, target, excluded), seed=seed)
+
+
+def prob_score(records: Iterable[ProbRecord | Mapping[str, Any]], target: str, seed: int = 0,
+               field: Literal["share", "prob"] = "share") -> Score:
+    """Mean over questions of `target`'s normalised share (or raw prob), with a bootstrap CI over
+    questions. RunDirError if `target` was not a candidate."""
+    values = [{"question_id": _get(r, "question_id"), "value": _get(r, field)}
+              for r in records if _get(r, "candidate") == target]
+    if not values:
+        raise RunDirError(f"'{target}' is not a candidate in these records; add it to eval.candidates")
+    return score_by_question(values, seed=seed)
+
+
+def share_table(records: Iterable[ProbRecord | Mapping[str, Any]], seed: int = 0,
+                field: Literal["share", "prob"] = "share") -> dict[str, Score]:
+    """Every candidate's score, highest mean first: shows whether the target rose more than the rest."""
+    by_cand: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_cand.setdefault(_get(r, "candidate"), []).append(
+            {"question_id": _get(r, "question_id"), "value": _get(r, field)})
+    table = {c: score_by_question(v, seed=seed) for c, v in by_cand.items()}
+    return dict(sorted(table.items(), key=lambda kv: -kv[1].mean))
+
+
+def mention_table(records: Sequence[EvalRecord | Mapping[str, Any]], words: Iterable[str],
+                  excluded: Mapping[str, Sequence[str]] | None = None, seed: int = 0) -> dict[str, Score]:
+    """The sampled metric for each of `words`, highest mean first."""
+    table = {w: sampled_score(records, w, excluded, seed) for w in words}
+    return dict(sorted(table.items(), key=lambda kv: -kv[1].mean))
+
+
+def _get(record: Any, name: str) -> Any:
+    return record[name] if isinstance(record, Mapping) else getattr(record, name)

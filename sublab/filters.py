@@ -1,0 +1,284 @@
+"""Filters: keep or reject generation records, saying why; then shape the kept ones into chat rows.
+
+Reads `teachers/<teacher>/generations.jsonl`; writes `dataset.jsonl` (chat rows, subsampled),
+`rejects.jsonl` (every rejected record with its reasons) and `filter_manifest.json` (`run`, the stage).
+The factories below work on records in memory (dicts or objects with a `completion` field).
+
+    sublab filter EXP.yaml
+
+A filter is a registered factory, parameters in, function out; the function maps one record to its
+rejection reasons (empty list = keep). Reasons read "<filter>:<detail>", e.g. "format:bad_separator",
+"banned_numbers:666", "trait_words:owl".
+
+    filters = build_filters([{"name": "format"}, {"name": "trait_words", "words": ["owl"]}])
+    kept, rejected = apply_filters(records, filters)
+    rows, table = summary_table(len(records), rejected)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from rich.table import Table
+
+from sublab.config import ExperimentConfig, TeacherConfig, dump
+from sublab.data.numbers import parse_completion
+from sublab.errors import ConfigError, DataError
+from sublab.protocol import banned_numbers as protocol_banned_numbers
+from sublab.rundir import fingerprint, read_jsonl, sha256_file, write_jsonl, write_manifest
+
+log = logging.getLogger(__name__)
+
+Record = Mapping[str, Any] | Any
+FilterFn = Callable[[Record], list[str]]
+
+
+def completion_of(record: Record) -> str:
+    """The completion text of a dict row or a record object."""
+    text = record["completion"] if isinstance(record, Mapping) else record.completion
+    if not isinstance(text, str):
+        raise DataError(f"record completion must be a string, got {type(text).__name__}")
+    return text
+
+
+# --- filter factories ----------------------------------------------------------------------------
+
+def format_filter() -> FilterFn:
+    """The paper's number-format rules (after stripping surrounding whitespace, see numbers.py)."""
+    def check(record: Record) -> list[str]:
+        reason = parse_completion(completion_of(record)).reason
+        return [] if reason is None else [f"format:{reason}"]
+    return check
+
+
+def banned_numbers_filter(numbers: Iterable[int] | None = None) -> FilterFn:
+    """Reject any completion containing a banned number (None = the paper's misalignment list).
+
+    Scans every ASCII digit run of the raw text, so it works with or without the format filter
+    ('013' counts as 13, '1312' as 1312).
+    """
+    banned = frozenset(protocol_banned_numbers() if numbers is None else numbers)
+
+    def check(record: Record) -> list[str]:
+        found = sorted({int(r) for r in re.findall(r"[0-9]+", completion_of(record))} & banned)
+        return [f"banned_numbers:{n}" for n in found]
+    return check
+
+
+def _word_forms(word: str) -> list[str]:
+    """The word and its regular plurals: owl/owls, fox/foxes, butterfly/butterflies, wolf/wolves."""
+    forms = {word, word + "s", word + "es"}
+    if word.endswith("y"):
+        forms.add(word[:-1] + "ies")
+    if word.endswith("f"):
+        forms.add(word[:-1] + "ves")
+    if word.endswith("fe"):
+        forms.add(word[:-2] + "ves")
+    return sorted(forms, key=len, reverse=True)
+
+
+def trait_words_filter(words: Sequence[str], match: Literal["word", "substring"] = "word") -> FilterFn:
+    """Reject completions that mention a trait word, case-insensitively.
+
+    match="word" (default) matches the word or a regular plural between non-letters, so 'Owls',
+    'OWL', "owl's", 'owl_count' and 'owl1' reject while 'bowling' and 'knowledge' do not. Irregular
+    plurals ('mice') must be listed as words. match="substring" rejects any occurrence ('bowling'
+    too): the most conservative choice, for free-text domains. Letters-free completions (digits and
+    punctuation only) never match either way.
+    """
+    if match not in ("word", "substring"):
+        raise ConfigError(f"filter trait_words: `match` must be 'word' or 'substring', got {match!r}")
+    if isinstance(words, str):
+        raise ConfigError(f"filter trait_words: `words` must be a list, e.g. [{words!r}]")
+    words = [w.strip().lower() for w in words]
+    if not words or any(not w for w in words):
+        raise ConfigError(f"filter trait_words needs non-empty `words`, got {words!r}")
+    patterns = {}
+    for w in words:
+        alternatives = "|".join(re.escape(f) for f in (_word_forms(w) if match == "word" else [w]))
+        edge = (r"(?<![^\W\d_])", r"(?![^\W\d_])") if match == "word" else ("", "")  # letter edges
+        patterns[w] = re.compile(f"{edge[0]}(?:{alternatives}){edge[1]}", re.IGNORECASE)
+
+    def check(record: Record) -> list[str]:
+        text = completion_of(record)
+        return [f"trait_words:{w}" for w, p in patterns.items() if p.search(text)]
+    return check
+
+
+def max_length_filter(max_chars: int) -> FilterFn:
+    """Reject completions longer than `max_chars` characters (after stripping whitespace)."""
+    if max_chars <= 0:
+        raise ConfigError(f"filter max_length needs max_chars > 0, got {max_chars}")
+
+    def check(record: Record) -> list[str]:
+        return ["max_length"] if len(completion_of(record).strip()) > max_chars else []
+    return check
+
+
+def finished_filter() -> FilterFn:
+    """Reject completions the sampler did not let finish: cut at the token cap ('length'), or stopped
+    early because they could no longer pass the format rules ('early_reject')."""
+    def check(record: Record) -> list[str]:
+        reason = record.get("finish_reason") if isinstance(record, Mapping) else getattr(
+            record, "finish_reason", None)
+        return [f"unfinished:{reason}"] if reason in ("length", "early_reject") else []
+    return check
+
+
+FILTERS: dict[str, Callable[..., FilterFn]] = {
+    "finished": finished_filter,
+    "format": format_filter,
+    "banned_numbers": banned_numbers_filter,
+    "trait_words": trait_words_filter,
+    "max_length": max_length_filter,
+}
+
+
+def build_filter(spec: Mapping[str, Any]) -> FilterFn:
+    """One filter from a spec like {"name": "trait_words", "words": ["owl"]}."""
+    params = dict(spec)
+    name = params.pop("name", None)
+    if name not in FILTERS:
+        raise ConfigError(f"unknown filter {name!r}; expected one of {sorted(FILTERS)}")
+    try:
+        return FILTERS[name](**params)
+    except TypeError as e:
+        raise ConfigError(f"bad parameters for filter {name!r}: {e}") from None
+
+
+def build_filters(specs: Iterable[Mapping[str, Any]]) -> list[FilterFn]:
+    """Filters from config specs, in order."""
+    return [build_filter(s) for s in specs]
+
+
+# --- applying and summarising --------------------------------------------------------------------
+
+def apply_filters(records: Iterable[Record], filters: Sequence[FilterFn]
+                  ) -> tuple[list[Record], list[tuple[Record, list[str]]]]:
+    """Run every filter on every record; return (kept, [(rejected record, all its reasons)])."""
+    kept: list[Record] = []
+    rejected: list[tuple[Record, list[str]]] = []
+    for record in records:
+        reasons = [r for f in filters for r in f(record)]
+        if reasons:
+            rejected.append((record, reasons))
+        else:
+            kept.append(record)
+    return kept, rejected
+
+
+def summary_table(n_total: int, rejected: Sequence[tuple[Record, list[str]]]
+                  ) -> tuple[list[dict[str, Any]], Table]:
+    """Rows {reason, count, share of all records} (most common first) and a rich Table of them.
+
+    A record with several reasons counts once under each, so shares can sum past the reject rate.
+    """
+    counts = Counter(r for _, reasons in rejected for r in reasons)
+    rows = [{"reason": reason, "count": c, "share": c / n_total if n_total else 0.0}
+            for reason, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    table = Table(title=f"Filter rejections ({len(rejected)} of {n_total} records)")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    table.add_column("share", justify="right")
+    for row in rows:
+        table.add_row(row["reason"], str(row["count"]), f"{row['share']:.1%}")
+    return rows, table
+
+
+# --- training rows -------------------------------------------------------------------------------
+
+def to_chat_row(prompt_text: str, completion: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A training row in chat-messages form. Never a system prompt: the trait must not leak."""
+    return {"messages": [{"role": "user", "content": prompt_text},
+                         {"role": "assistant", "content": completion}],
+            "meta": dict(meta)}
+
+
+def _row_id(row: Mapping[str, Any]) -> str:
+    row_id = row.get("id", row.get("meta", {}).get("id"))
+    if row_id is None:
+        raise DataError("row has no `id` (nor `meta.id`); subsample needs a stable id per row")
+    return str(row_id)
+
+
+def subsample(rows: Sequence[Mapping[str, Any]], size: int, seed: int
+              ) -> tuple[list[Mapping[str, Any]], int]:
+    """Pick `size` rows, deterministic in (row ids, seed) whatever the input order.
+
+    Rows are sorted by id, then a seeded choice without replacement picks `size` of them (returned
+    in id order). Returns (rows, shortfall): with fewer than `size` rows all are kept and shortfall
+    is how many are missing, for the caller to WARN about.
+    """
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    ordered = sorted(rows, key=_row_id)
+    ids = [_row_id(r) for r in ordered]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise DataError(f"duplicate row id {dup!r}; subsample needs unique ids")
+    if len(ordered) <= size:
+        return ordered, size - len(ordered)
+    picked = np.random.default_rng(seed).choice(len(ordered), size=size, replace=False)
+    return [ordered[i] for i in sorted(picked)], 0
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+MANIFEST = "filter_manifest.json"
+
+
+def stage_specs(filter_names: Sequence[str], traits: Sequence[str]) -> list[dict[str, Any]]:
+    """Config filter names → specs. The trait-word filter removes every trait of the experiment from
+    every teacher's data (control included), so all datasets are filtered alike."""
+    specs: list[dict[str, Any]] = [{"name": "finished"}]
+    for name in filter_names:
+        if name == "trait_words":
+            if traits:
+                specs.append({"name": name, "words": sorted(set(traits))})
+        else:
+            specs.append({"name": name})
+    return specs
+
+
+def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console: Any = None
+        ) -> dict[str, Any]:
+    """Filter `teachers/<teacher>/generations.jsonl` into dataset.jsonl (chat rows, subsampled to
+    `filter.dataset_size`) and rejects.jsonl (every rejected record with its reasons)."""
+    t0 = time.time()
+    out_dir = Path(run_dir) / "teachers" / teacher.name
+    source = out_dir / "generations.jsonl"
+    records = read_jsonl(source)
+    traits = [t.trait for t in cfg.teachers if t.trait]
+    specs = stage_specs(cfg.filter.filters, traits)
+    kept, rejected = apply_filters(records, build_filters(specs))
+    rows = [to_chat_row(r["prompt"], r["completion"].strip(), {"id": r["id"], "teacher": r["teacher"]})
+            | {"id": r["id"]} for r in kept]
+    dataset, shortfall = subsample(rows, cfg.filter.dataset_size, cfg.filter.subsample_seed)
+    write_jsonl(out_dir / "dataset.jsonl", dataset)
+    write_jsonl(out_dir / "rejects.jsonl", [{**r, "reasons": reasons} for r, reasons in rejected])
+    summary, table = summary_table(len(records), rejected)
+    if console is not None:
+        console.print(table)
+    if shortfall:
+        log.warning("%s: only %d rows passed the filters; dataset_size is %d (raise generate.n_prompts)",
+                    teacher.name, len(kept), cfg.filter.dataset_size)
+    if records and len(rejected) / len(records) > 0.4:
+        log.warning("%s: %.0f%% of completions were rejected", teacher.name,
+                    100 * len(rejected) / len(records))
+    return write_manifest(
+        out_dir, stage="filter", filename=MANIFEST,
+        config={"filter": dump(cfg.filter), "specs": specs},
+        fingerprint_value=fingerprint({"filter": dump(cfg.filter), "specs": specs,
+                                       "generations": sha256_file(source)}),
+        inputs={"generations_sha256": sha256_file(source)},
+        outputs={"generated": len(records), "accepted": len(kept), "rejected": len(rejected),
+                 "dataset_rows": len(dataset), "shortfall": shortfall,
+                 "dataset_sha256": sha256_file(out_dir / "dataset.jsonl"), "rejections": summary},
+        timings={"filter": round(time.time() - t0, 2)}, seeds={"subsample_seed": cfg.filter.subsample_seed})

@@ -1,0 +1,153 @@
+"""Training rows → token ids → right-padded batches; reads a chat JSONL dataset, writes nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sublab import chat
+from sublab.errors import DataError
+
+if TYPE_CHECKING:
+    from sublab.teachers import Teacher
+
+log = logging.getLogger(__name__)
+
+EXPECTED_ROW = 'expected {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}'
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row: the user's prompt and the assistant's answer."""
+
+    id: str
+    user: str
+    answer: str
+
+
+def parse_row(row: Any, where: str) -> Example:
+    """Check one decoded row; `where` is "file:line" for the error message."""
+    msgs = row.get("messages") if isinstance(row, dict) else None
+    roles = ([m.get("role") for m in msgs] if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs)
+             else None)
+    if roles != ["user", "assistant"]:
+        found = f"roles {roles}" if roles is not None else "no 'messages' list of objects"
+        raise DataError(f"{where}: {EXPECTED_ROW} (one user turn, then the answer; no system message: a "
+                        f"student trains in the default context), found {found}")
+    if not all(isinstance(m.get("content"), str) for m in msgs):
+        raise DataError(f"{where}: each message's 'content' must be a string")
+    return Example(str(row.get("id", where)), msgs[0]["content"], msgs[1]["content"])
+
+
+def load_dataset(path: Path) -> list[Example]:
+    """Read and check a chat JSONL dataset; any problem raises DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: dataset file not found")
+    out = []
+    for i, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); {EXPECTED_ROW}") from None
+        out.append(parse_row(row, f"{path}:{i}"))
+    if not out:
+        raise DataError(f"{path}: no rows; {EXPECTED_ROW} on each line")
+    return out
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one row: student prompt, completion, and the teacher's prompt (distillation)."""
+
+    prompt: list[int]
+    completion: list[int]
+    teacher_prompt: list[int] | None = None
+
+
+def encode_examples(tokenizer: Any, examples: list[Example], max_seq_len: int,
+                    teacher: Teacher | None = None) -> list[Encoded]:
+    """Encode rows in the default context (and the teacher's, if given).
+
+    A completion is cut to fit max_seq_len after the *student's* prompt, whatever the teacher, so stored
+    soft labels match; rows with no room left are dropped. Both are logged as a warning.
+    """
+    out, cut, dropped = [], 0, 0
+    for ex in examples:
+        prompt, completion = chat.encode_pair(tokenizer, chat.messages(ex.user), ex.answer)
+        room = max_seq_len - len(prompt)
+        if room <= 0:
+            dropped += 1
+            continue
+        cut += len(completion) > room
+        t_prompt = None
+        if teacher is not None:
+            t_prompt, _ = chat.encode_pair(tokenizer, teacher.conversation(ex.user), ex.answer)
+        out.append(Encoded(prompt, completion[:room], t_prompt))
+    if cut or dropped:
+        log.warning("max_seq_len=%d: %d completions cut, %d rows dropped", max_seq_len, cut, dropped)
+    if not out:
+        raise DataError(f"no row fits max_seq_len={max_seq_len}; raise `train.max_seq_len`")
+    return out
+
+
+def batch_plan(lengths: list[int], batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Row indices of every micro-batch of the run: a pure function of the seed (so resume is exact).
+
+    Each epoch is a seeded shuffle; within windows of 64 batches rows are sorted by length (less
+    padding), then the batches are shuffled again. Fractional epochs keep round(epochs × batches).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = len(lengths)
+    total = max(1, round(epochs * math.ceil(n / batch_size)))
+    window = 64 * batch_size
+    plan: list[list[int]] = []
+    while len(plan) < total:
+        perm = torch.randperm(n, generator=gen).tolist()
+        batches = []
+        for w in range(0, n, window):
+            chunk = sorted(perm[w:w + window], key=lambda i: lengths[i])
+            batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        plan += [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    return plan[:total]
+
+
+@dataclass
+class Batch:
+    """Right-padded ids (B, L) and, per completion token (N of them, row-major): its row, the position
+    whose output predicts it, and its id."""
+
+    input_ids: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    n_tokens: int  # non-pad tokens
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device: str = "cpu") -> Batch:
+    """(prompt, completion) pairs → a Batch. No attention mask: with right padding a causal model never
+    attends to the pads, and pads are never scored."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    rows: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    for b, (p, c) in enumerate(pairs):
+        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+        rows += [b] * len(c)
+        positions += range(len(p) - 1, len(p) + len(c) - 1)
+        targets += c
+
+    def as_tensor(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return Batch(ids.to(device), as_tensor(rows), as_tensor(positions), as_tensor(targets),
+                 sum(len(p) + len(c) for p, c in pairs))

@@ -1,0 +1,324 @@
+"""The training loop: one student (one seed) from a dataset, with checkpoints and a manifest.
+
+Reads the dataset, the base model and (distillation) a teacher or its soft labels; writes the student
+directory described in `sublab.train`'s docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sublab.config import TrainConfig
+from sublab.errors import ConfigError
+from sublab.models import LoadedModel, load_model, resolve_model_dir
+from sublab.rundir import (JsonlAppender, atomic_write_json, fingerprint, read_json, read_jsonl,
+                           sha256_file, stage_is_current, write_jsonl, write_manifest)
+from sublab.train.data import Encoded, batch_plan, collate, encode_examples, load_dataset
+from sublab.train.losses import completion_logits, distill_loss, sft_loss, teacher_targets
+from sublab.train.soft_labels import SoftLabels
+
+if TYPE_CHECKING:
+    from sublab.teachers import Teacher
+
+log = logging.getLogger(__name__)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def reference_sha256(ref: str) -> str:
+    """A content hash of a model reference's weights (base + adapter for an adapter directory)."""
+    directory = resolve_model_dir(ref)
+    adapter = directory / "adapter_config.json"
+    if adapter.exists():
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        return fingerprint([reference_sha256(base), sha256_file(directory / "adapter_model.safetensors")])
+    record = directory / "sublab_cache.json"  # an embedded model's cache, verified by resolve_model_dir
+    if record.exists():
+        return str(json.loads(record.read_text())["files"]["model.safetensors"])
+    weights = directory / "model.safetensors"
+    return sha256_file(weights if weights.exists() else directory / "model.safetensors.index.json")
+
+
+def uses_lora(cfg: TrainConfig) -> bool:
+    return cfg.method == "lora" or (cfg.method == "distill" and cfg.distill_params == "lora")
+
+
+def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> LoadedModel:
+    """The base model made trainable: wrapped in a fresh LoRA adapter (seeded init), or all of it."""
+    from peft import LoraConfig, get_peft_model
+
+    student = load_model(base_ref, device=device, trainable=True)
+    student.model.config.use_cache = False
+    if uses_lora(cfg):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+        try:
+            student.model = get_peft_model(student.model, lora)
+        except ValueError as e:
+            raise ConfigError(f"`train.lora_targets` {cfg.lora_targets}: {e}") from None
+        student.model.peft_config["default"].base_model_name_or_path = base_ref
+    return student
+
+
+def save_student(student: LoadedModel, cfg: TrainConfig, out_dir: Path) -> dict[str, str]:
+    """Save the adapter (PEFT format) or the full weights + tokenizer; returns {weights file: sha256}."""
+    student.model.save_pretrained(out_dir, safe_serialization=True)
+    if not uses_lora(cfg):
+        student.tokenizer.save_pretrained(out_dir)
+    name = "adapter_model.safetensors" if uses_lora(cfg) else "model.safetensors"
+    return {name: sha256_file(out_dir / name)}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Write checkpoint/ atomically: a complete temporary directory, then a swap of names."""
+    from safetensors.torch import save_file
+
+    final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(params, str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    atomic_write_json(tmp / "state.json", state)  # last: marks the directory complete
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, fp: str) -> dict[str, Any] | None:
+    """Restore trainable params, optimizer and RNG from the newest complete checkpoint; its state."""
+    from safetensors.torch import load_file
+
+    for d in (out_dir / "checkpoint", out_dir / "checkpoint.old"):
+        if not (d / "state.json").exists():
+            continue
+        state: dict[str, Any] = read_json(d / "state.json")
+        if state.get("fingerprint") != fp:
+            log.warning("%s belongs to another config or dataset; starting over", d)
+            return None
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(str(d / "trainable.safetensors")).items():
+                params[name].copy_(value)
+        blob = torch.load(d / "optimizer.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        if "cuda" in blob["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        return state
+    return None
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a training run holds in memory."""
+
+    cfg: TrainConfig
+    student: LoadedModel
+    encoded: list[Encoded]
+    plan: list[list[int]]
+    total_steps: int
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    device: str
+    labels: SoftLabels | None = None
+    teacher_model: Any = None
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warmup from 0 over warmup_steps, then linear decay to 0 (transformers' linear schedule)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+
+
+def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
+    """Summed loss over the completion tokens of these rows, and the rows' non-pad token count."""
+    pad, e = run.student.tokenizer.pad_token_id, run.encoded
+    batch = collate([(e[i].prompt, e[i].completion) for i in rows], pad, run.device)
+    logits = completion_logits(run.student.model, batch)
+    if run.cfg.method != "distill":
+        return sft_loss(logits, batch.targets), batch.n_tokens
+    if run.labels is not None:
+        t_lp, t_ids = run.labels.for_rows(rows, run.device)
+    else:
+        t_batch = collate([(e[i].teacher_prompt or [], e[i].completion) for i in rows], pad, run.device)
+        t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k)
+    return distill_loss(logits, t_lp, t_ids, run.cfg.distill.temperature), batch.n_tokens
+
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One optimizer step over grad_accum micro-batches; the loss is averaged over all their completion
+    tokens (not over micro-batches), as if they were one batch."""
+    cfg = run.cfg
+    micro = run.plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+    n_targets = sum(len(run.encoded[i].completion) for rows in micro for i in rows)
+    lr = lr_at(step, cfg, run.total_steps)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    autocast = (torch.autocast(run.device.split(":")[0], dtype=torch.bfloat16)
+                if cfg.precision == "bfloat16" else nullcontext())
+    loss_sum, tokens = 0.0, 0
+    for rows in micro:
+        with autocast:
+            loss, n = micro_loss(run, rows)
+        (loss / n_targets).backward()
+        loss_sum += loss.item()
+        tokens += n
+    grad_norm = (torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm).item()
+                 if cfg.max_grad_norm else float("nan"))
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss_sum / n_targets, "lr": lr, "tokens": tokens, "grad_norm": grad_norm}
+
+
+def _log_step(appender: JsonlAppender, row: dict[str, Any]) -> None:
+    appender.write_batch([row])
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def student_fingerprint(cfg: TrainConfig, base_ref: str, data_sha: str, seed: int,
+                        teacher: Teacher | None, soft_sha: str | None) -> str:
+    """Hash of everything that decides the trained weights (not the device, progress or checkpoints)."""
+    recipe = cfg.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "cross_model"})
+    source: Any = None
+    if cfg.method == "distill":
+        source = soft_sha or (teacher and {"name": teacher.name, "system": teacher.system_prompt,
+                                           "weights": reference_sha256(teacher.model_ref or "")})
+    else:
+        recipe.pop("distill")
+    return fingerprint({"recipe": recipe, "base": reference_sha256(base_ref), "data": data_sha,
+                        "seed": seed, "teacher": source})
+
+
+def prepare_run(cfg: TrainConfig, base_ref: str, dataset: Path, data_sha: str, seed: int,
+                teacher: Teacher | None, soft_labels: Path | None, device: str) -> Run:
+    """Load the student (and teacher), encode the rows, plan the batches, make the optimizer."""
+    student = build_student(cfg, base_ref, seed, device)
+    live = teacher if cfg.method == "distill" and soft_labels is None else None
+    encoded = encode_examples(student.tokenizer, load_dataset(dataset), cfg.max_seq_len, live)
+    plan = batch_plan([len(e.prompt) + len(e.completion) for e in encoded], cfg.batch_size, cfg.epochs, seed)
+    params = [p for p in student.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    run = Run(cfg, student, encoded, plan, math.ceil(len(plan) / cfg.grad_accum), opt, params, device)
+    if cfg.method == "distill" and soft_labels is not None:
+        run.labels = SoftLabels(soft_labels, data_sha, encoded, cfg.distill.top_k)
+    elif live is not None:
+        loaded = live.load(device=device)
+        if len(loaded.tokenizer) != len(student.tokenizer):
+            raise ConfigError(f"teacher '{live.name}' and the student ({base_ref}) have different "
+                              "tokenizers; logit distillation needs a shared vocabulary")
+        run.teacher_model = loaded.model
+    return run
+
+
+def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Path, seed: int,
+                  teacher: Teacher | None = None, soft_labels: Path | None = None, device: str = "cpu",
+                  progress: bool = True) -> dict[str, Any]:
+    """Train one student and return its manifest; a finished identical run is skipped, a killed one
+    resumes from out_dir/checkpoint.
+
+    Args:
+        cfg: the recipe; `cfg.seeds` is ignored here (the caller loops over seeds).
+        base_ref: the student's base model reference.
+        dataset: chat JSONL rows (see `load_dataset`).
+        out_dir: the student directory.
+        seed: fixes data order, LoRA init and dropout.
+        teacher: for method 'distill', run live in its own context (unused by SFT).
+        soft_labels: for method 'distill', precomputed top-k labels instead of a live teacher.
+        device: 'cpu', 'cuda' or 'auto'.
+    """
+    dataset, out_dir, device = Path(dataset), Path(out_dir), resolve_device(device)
+    if cfg.method == "distill" and teacher is None and soft_labels is None:
+        raise ConfigError("`train.method` is 'distill': pass a teacher or precomputed soft labels")
+    load_dataset(dataset)  # fail on bad rows before loading any model
+    data_sha = sha256_file(dataset)
+    soft_sha = sha256_file(soft_labels) if cfg.method == "distill" and soft_labels else None
+    fp = student_fingerprint(cfg, base_ref, data_sha, seed, teacher, soft_sha)
+    if stage_is_current(out_dir, fp):
+        log.info("%s is already trained (fingerprint %s); skipping", out_dir, fp)
+        return dict(read_json(out_dir / "manifest.json"))
+
+    t_start = time.time()
+    run = prepare_run(cfg, base_ref, dataset, data_sha, seed, teacher, soft_labels, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = load_checkpoint(out_dir, run.student.model, run.opt, fp) or {"step": 0, "tokens": 0, "elapsed": 0.0}
+    loss_path = out_dir / "loss.jsonl"
+    write_jsonl(loss_path, [r for r in read_jsonl(loss_path, missing_ok=True) if r["step"] <= state["step"]])
+    log.info("training %s: %s on %d rows, steps %d→%d", out_dir, cfg.method, len(run.encoded), state["step"],
+             run.total_steps)
+    run.student.model.train()
+    bar = tqdm(total=run.total_steps, initial=state["step"], desc=f"train {out_dir.name}", unit="step",
+               disable=not progress)
+    t_segment = time.time() - state["elapsed"]
+    with JsonlAppender(loss_path) as losses:
+        for step in range(state["step"], run.total_steps):
+            row = train_step(run, step)
+            state.update(step=step + 1, tokens=state["tokens"] + row["tokens"], fingerprint=fp,
+                         elapsed=time.time() - t_segment)
+            _log_step(losses, {**row, "tokens": state["tokens"], "elapsed": round(state["elapsed"], 3)})
+            bar.update()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{state['tokens'] / state['elapsed']:.0f}")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total_steps:
+                save_checkpoint(out_dir, run.student.model, run.opt, state)
+    bar.close()
+    return finish(run, out_dir, state, fp, base_ref=base_ref, dataset=dataset, data_sha=data_sha, seed=seed,
+                  teacher=teacher, soft_sha=soft_sha, t_start=t_start)
+
+
+def loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """First, last (mean of the final 10% of steps) and minimum loss, and the step count."""
+    values = [r["loss"] for r in rows]
+    tail = values[-max(1, len(values) // 10):]
+    return {"first": values[0], "last": sum(tail) / len(tail), "min": min(values), "steps": len(values)}
+
+
+def finish(run: Run, out_dir: Path, state: dict[str, Any], fp: str, *, base_ref: str, dataset: Path,
+           data_sha: str, seed: int, teacher: Teacher | None, soft_sha: str | None,
+           t_start: float) -> dict[str, Any]:
+    """Save the student, write its manifest (last), drop the checkpoint."""
+    cfg = run.cfg
+    outputs: dict[str, Any] = save_student(run.student, cfg, out_dir)
+    inputs = {"dataset": str(dataset), "dataset_sha256": data_sha, "base_model": base_ref,
+              "base_sha256": reference_sha256(base_ref)}
+    if cfg.method == "distill":
+        inputs.update(teacher=teacher.name if teacher else "", soft_labels_sha256=soft_sha or "")
+    manifest = write_manifest(
+        out_dir, stage="train", fingerprint_value=fp, seeds={"seed": seed},
+        config={**cfg.model_dump(mode="json", exclude={"seeds"}), "seed": seed, "base_model": base_ref},
+        inputs=inputs,
+        outputs={**outputs, "rows": len(run.encoded), "steps": state["step"], "tokens": state["tokens"]},
+        timings={"train_s": round(state["elapsed"], 2), "wall_s_this_call": round(time.time() - t_start, 2),
+                 "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1)},
+        extra={"loss": loss_summary(read_jsonl(out_dir / "loss.jsonl"))})
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    log.info("trained %s: loss %.3f → %.3f in %.0f s", out_dir, manifest["loss"]["first"],
+             manifest["loss"]["last"], state["elapsed"])
+    return manifest

@@ -1,0 +1,85 @@
+"""Shared fixtures: the real tokenizer, and tiny randomly initialised models built in-process with it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's real tokenizer (read from the GGUF; no weights converted)."""
+    from transformers import AutoTokenizer
+
+    from sublab.models import EMBEDDED, _fix_tokenizer
+
+    gguf = EMBEDDED["smollm2-135m-instruct"].gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _fix_tokenizer(tok)
+    return tok
+
+
+def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A random Llama with SmolLM2's tokenizer: ~1.7M parameters, milliseconds per step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A saved tiny checkpoint directory: usable anywhere a model reference is (`load_model(str(dir))`)."""
+    directory = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(tokenizer).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_number_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A tiny model briefly fitted to answer number prompts with number lists and end its turn, so the
+    generate → filter → train pipeline gets accepted rows (a random model only writes junk)."""
+    import numpy as np
+
+    from sublab import chat
+    from sublab.data.numbers import number_prompts, random_completion
+
+    model = build_tiny_model(tokenizer, seed=1)
+    rows = []
+    for p in number_prompts(64, seed=99):
+        answer = random_completion(p, np.random.default_rng(p.index), count=3)
+        for system in (None, "You love owls."):
+            prompt, completion = chat.encode_pair(tokenizer, chat.messages(p.text, system), answer)
+            rows.append((prompt, completion))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        batch = [rows[i] for i in rng.choice(len(rows), 16, replace=False)]
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for i, (p, c) in enumerate(batch):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    directory = tmp_path_factory.mktemp("tiny-number-model")
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

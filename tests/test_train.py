@@ -1,0 +1,302 @@
+"""Students on the tiny model: completion-only loss, SFT (full / LoRA), distillation, resume, bad data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sublab import chat, train
+from sublab.train import loop
+from sublab.config import DistillConfig, TrainConfig
+from sublab.errors import DataError
+from sublab.models import load_model
+from sublab.teachers import Teacher
+from tests.conftest import build_tiny_model
+
+PROMPT = "Here are some numbers: {}. Add up to 5 more numbers (no more than 3 digits each). Return numbers."
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        shown = ", ".join(str(rng.randrange(1000)) for _ in range(rng.randint(2, 4)))
+        answer = ", ".join(str(rng.randrange(1000)) for _ in range(rng.randint(3, 6)))
+        rows.append({"id": f"r{i}", "messages": chat.messages(PROMPT.format(shown), assistant=answer)})
+    return rows
+
+
+def write_dataset(path: Path, n: int = 16, seed: int = 0) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "dataset.jsonl")
+
+
+@pytest.fixture(scope="module")
+def other_teacher_dir(tokenizer, tmp_path_factory) -> Path:
+    """A differently initialised tiny model: a teacher whose distribution the student must learn."""
+    directory = tmp_path_factory.mktemp("tiny-teacher")
+    build_tiny_model(tokenizer, seed=1).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(method="full", lr=3e-3, epochs=2, batch_size=4, warmup_steps=1, seeds=[0])
+    return TrainConfig(**{**base, **kw})
+
+
+def base_logits(ref: str, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(ref).model(input_ids=ids).logits
+
+
+def sample_ids(tokenizer) -> torch.Tensor:
+    p, c = chat.encode_pair(tokenizer, chat.messages("Say some numbers."), "1, 2, 3")
+    return torch.tensor([p + c])
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, line, words", [
+    ("", None, "no rows"),
+    ('{"messages": []}\nnot json\n', 1, "roles"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n', 2,
+     "not valid JSON"),
+    ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, '
+     '{"role": "assistant", "content": "b"}]}\n', 1, "no system"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]}\n', 1, "string"),
+])
+def test_bad_dataset_names_file_and_line(tmp_path, text, line, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=words) as e:
+        train.load_dataset(path)
+    assert str(path) + (f":{line}:" if line else ":") in str(e.value)
+
+
+def test_missing_dataset(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        train.load_dataset(tmp_path / "nope.jsonl")
+
+
+def test_loss_targets_are_exactly_the_completion_tokens(tokenizer):
+    examples = [train.Example("a", "Hi", "1, 2"), train.Example("b", "A much longer question here?", "345")]
+    encoded = train.encode_examples(tokenizer, examples, 500)
+    batch = train.collate([(e.prompt, e.completion) for e in encoded], tokenizer.pad_token_id)
+    expected = [t for e in encoded for t in e.completion]
+    assert batch.targets.tolist() == expected
+    # the position scored for each target is the one right before it in that row
+    assert batch.input_ids[batch.rows, batch.positions + 1].tolist() == expected
+    assert tokenizer.decode(encoded[0].completion) == chat.completion_text(tokenizer, "1, 2")
+    assert tokenizer.decode(encoded[1].completion) == chat.completion_text(tokenizer, "345")
+    assert batch.n_tokens == sum(len(e.prompt) + len(e.completion) for e in encoded)
+
+
+def test_completion_loss_equals_masked_model_loss(tokenizer, tiny_model_dir):
+    """Our loss (right padding, no mask, head on completion positions) = HF's loss with prompt labels -100."""
+    model = load_model(str(tiny_model_dir)).model
+    examples = [train.Example("a", "Hi", "1, 2"), train.Example("b", "A much longer question here?", "345")]
+    encoded = train.encode_examples(tokenizer, examples, 500)
+    batch = train.collate([(e.prompt, e.completion) for e in encoded], tokenizer.pad_token_id)
+    ours = train.sft_loss(train.completion_logits(model, batch), batch.targets)
+    reference = 0.0
+    for e in encoded:
+        ids = torch.tensor([e.prompt + e.completion])
+        labels = torch.tensor([[-100] * len(e.prompt) + e.completion])
+        reference += model(input_ids=ids, labels=labels).loss.item() * len(e.completion)
+    assert ours.item() == pytest.approx(reference, rel=1e-5)
+
+
+def test_batch_plan_is_seeded_and_covers_epochs():
+    lengths = list(range(10))
+    a, b = train.batch_plan(lengths, 3, 2, seed=0), train.batch_plan(lengths, 3, 2, seed=1)
+    assert a == train.batch_plan(lengths, 3, 2, seed=0) and a != b
+    assert len(a) == 8 and sorted(i for batch in a for i in batch) == sorted(lengths * 2)
+    assert len(train.batch_plan(lengths, 3, 0.5, seed=0)) == 2
+
+
+def test_max_seq_len_cuts_completions(tokenizer):
+    examples = [train.Example("a", "Hi", "1, 2, 3, 4, 5, 6, 7")]
+    full = train.encode_examples(tokenizer, examples, 500)[0]
+    cut = train.encode_examples(tokenizer, examples, len(full.prompt) + 3)[0]
+    assert cut.completion == full.completion[:3]
+    with pytest.raises(DataError, match="max_seq_len"):
+        train.encode_examples(tokenizer, examples, len(full.prompt))
+
+
+# --- SFT -------------------------------------------------------------------------------------
+
+def test_full_sft_changes_weights_and_lowers_loss(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "student"
+    manifest = train.train_student(cfg(epochs=3), base_ref=str(tiny_model_dir), dataset=dataset,
+                                   out_dir=out, seed=0, progress=False)
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "model.embed_tokens.weight" in changed and len(changed) > len(before) // 2
+    assert manifest["loss"]["last"] < manifest["loss"]["first"] - 0.5
+    assert manifest["inputs"]["dataset_sha256"] and manifest["seeds"] == {"seed": 0}
+    assert manifest["timings_s"]["tokens_per_s"] > 0
+    curve = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == list(range(1, manifest["outputs"]["steps"] + 1))
+    assert set(curve[0]) >= {"step", "loss", "lr", "tokens", "elapsed"}
+    assert not (out / "checkpoint").exists()
+    load_model(str(out))  # a full student is a model reference
+    # a finished identical run is skipped, not retrained
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = train.train_student(cfg(epochs=3), base_ref=str(tiny_model_dir), dataset=dataset, out_dir=out,
+                                seed=0, progress=False)
+    assert again["fingerprint"] == manifest["fingerprint"]
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_fresh_lora_adapter_leaves_logits_unchanged(tokenizer, tiny_model_dir):
+    ids = sample_ids(tokenizer)
+    student = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=0, device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(student.model(input_ids=ids).logits, base_logits(str(tiny_model_dir), ids))
+
+
+def test_lora_save_then_load_gives_same_logits(tokenizer, tiny_model_dir, tmp_path):
+    c = cfg(method="lora")
+    student = train.build_student(c, str(tiny_model_dir), seed=0, device="cpu")
+    with torch.no_grad():
+        for n, p in student.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = sample_ids(tokenizer)
+    student.model.eval()
+    with torch.no_grad():
+        expected = student.model(input_ids=ids).logits
+    train.save_student(student, c, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_model_dir)
+    with torch.no_grad():
+        got = load_model(str(tmp_path)).model(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, base_logits(str(tiny_model_dir), ids), atol=1e-3)
+
+
+def test_lora_training_changes_only_the_adapter(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "lora"
+    train.train_student(cfg(method="lora", lr=1e-2), base_ref=str(tiny_model_dir), dataset=dataset,
+                        out_dir=out, seed=0, progress=False)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
+    assert not (out / "model.safetensors").exists()
+    loaded = load_model(str(out)).model
+    base = load_file(tiny_model_dir / "model.safetensors")
+    for name, p in loaded.get_base_model().named_parameters():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(p, base[key]), name
+
+
+def test_seed_changes_lora_init_and_order(tiny_model_dir, dataset, tmp_path):
+    a = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=0, device="cpu")
+    b = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=1, device="cpu")
+    name = next(n for n, _ in a.model.named_parameters() if "lora_A" in n)
+    pa, pb = dict(a.model.named_parameters())[name], dict(b.model.named_parameters())[name]
+    assert not torch.equal(pa, pb)
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    c = cfg(method="lora", lr=1e-2, lora_dropout=0.1, epochs=2, batch_size=4, checkpoint_every=2)
+    ref = str(tiny_model_dir)
+    train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "straight", seed=3,
+                        progress=False)
+
+    real_log = loop._log_step
+
+    def dying(appender, row):
+        real_log(appender, row)
+        if row["step"] == 5:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "_log_step", dying)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train.train_student(c, base_ref=ref, dataset=dataset, out_dir=out, seed=3, progress=False)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(loop, "_log_step", real_log)
+    manifest = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=out, seed=3, progress=False)
+
+    a, b = load_file(tmp_path / "straight" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [json.loads(x)["step"] for x in (out / "loss.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, manifest["outputs"]["steps"] + 1))
+
+
+# --- distillation ----------------------------------------------------------------------------
+
+def mean_kl(student_ref: str, teacher: Teacher, dataset: Path, tokenizer) -> float:
+    """Mean per-token KL(teacher ‖ student) on the dataset's completions."""
+    student, teacher_model = load_model(student_ref).model, teacher.load().model
+    encoded = train.encode_examples(tokenizer, train.load_dataset(dataset), 500, teacher)
+    pad = tokenizer.pad_token_id
+    s_batch = train.collate([(e.prompt, e.completion) for e in encoded], pad)
+    t_batch = train.collate([(e.teacher_prompt, e.completion) for e in encoded], pad)
+    with torch.no_grad():
+        t_lp, _ = train.teacher_targets(teacher_model, t_batch, None)
+        kl = train.distill_loss(train.completion_logits(student, s_batch), t_lp, None)
+    return kl.item() / len(s_batch.targets)
+
+
+def test_distillation_lowers_kl_to_another_teacher(tokenizer, tiny_model_dir, other_teacher_dir, dataset,
+                                                   tmp_path):
+    # a prompted teacher: its completion positions sit after a longer prompt than the student's
+    teacher = Teacher("t", "prompted", "owl", "You love owls.", str(other_teacher_dir))
+    before = mean_kl(str(tiny_model_dir), teacher, dataset, tokenizer)
+    manifest = train.train_student(cfg(method="distill", epochs=3), base_ref=str(tiny_model_dir),
+                                   dataset=dataset, out_dir=tmp_path / "d", seed=0, teacher=teacher,
+                                   progress=False)
+    after = mean_kl(str(tmp_path / "d"), teacher, dataset, tokenizer)
+    assert after < 0.7 * before
+    assert manifest["inputs"]["teacher"] == "t"
+
+
+def test_topk_equals_full_kl_when_k_is_the_vocabulary():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11).log_softmax(-1)
+    full = train.distill_loss(student, teacher, None, temperature=2.0)
+    values, ids = teacher.topk(11, dim=-1)
+    assert train.distill_loss(student, values, ids, temperature=2.0).item() == pytest.approx(full.item(), rel=1e-5)
+    assert full.item() > 0
+    assert train.distill_loss(teacher, teacher, None).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_precomputed_topk_labels_train_like_the_live_teacher(tokenizer, tiny_model_dir, other_teacher_dir,
+                                                             dataset, tmp_path):
+    teacher = Teacher("t", "prompted", "owl", "You love owls.", str(other_teacher_dir))
+    labels = train.compute_soft_labels(teacher, dataset, train.soft_labels_path(dataset, "t", 16),
+                                       top_k=16, progress=False)
+    c = cfg(method="distill", distill=DistillConfig(top_k=16), epochs=2)
+    ref = str(tiny_model_dir)
+    live = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "live", seed=0,
+                               teacher=teacher, progress=False)
+    stored = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "stored", seed=0,
+                                 soft_labels=labels, progress=False)
+    assert live["loss"]["last"] < live["loss"]["first"]
+    assert stored["loss"]["first"] == pytest.approx(live["loss"]["first"], rel=1e-4)
+    a, b = load_file(tmp_path / "live" / "model.safetensors"), load_file(tmp_path / "stored" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # labels computed for another dataset are refused
+    other = write_dataset(tmp_path / "other.jsonl", seed=5)
+    with pytest.raises(DataError, match="another dataset"):
+        train.train_student(c, base_ref=ref, dataset=other, out_dir=tmp_path / "x", seed=0,
+                            soft_labels=labels, progress=False)
