@@ -61,12 +61,12 @@ def bench(lm, kind: str, cfg: EvalConfig, qids: list[int], workdir: Path) -> dic
     wall = time.perf_counter() - t0
     out = {"kind": kind, "questions": len(qids), "wall_s": round(wall, 2)}
     if kind.startswith("animal_prob"):
-        recs = A.read_prob_records(path)
-        table = A.share_table(recs)
-        out.update(candidates=len(table), records=len(recs),
+        probs = A.read_prob_records(path)
+        table = A.share_table(probs)
+        out.update(candidates=len(table), records=len(probs),
                    positions=prob_positions(lm, cfg, qids, kind.endswith("_numbers")),
                    top5={c: round(s.mean, 4) for c, s in list(table.items())[:5]},
-                   owl=A.prob_score(recs, "owl").model_dump())
+                   owl=A.prob_score(probs, "owl").model_dump())
     else:
         recs = A.read_sample_records(path)
         out.update(samples=len(recs), samples_per_s=round(len(recs) / wall, 2),

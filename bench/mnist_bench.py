@@ -1,6 +1,7 @@
 """Time the default `sublab mnist` run (MnistConfig() defaults) and check its qualitative result.
 
-Run: `.venv/bin/python bench/mnist_bench.py [--models N] [--device cpu|cuda] [--json PATH] [--out DIR]`.
+Run: `.venv/bin/python bench/mnist_bench.py [--models N] [--device cpu|cuda] [--data SRC] [--json PATH]
+[--out DIR]`.
 Prints wall time per phase, the arms' accuracies, and whether the done-when holds: same-init student far
 above chance, cross-init at chance, non-overlapping 95% CIs, total under 300 s (on 2 CPU cores).
 Writes the results JSON where --json says and the figure under --out (nothing otherwise). Exit 1 if a
@@ -27,6 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=None, help="n_models (default: MnistConfig's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--data", default=None, help="MnistConfig.data (default: 'auto')")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write OUT/mnist_arms.png")
     parser.add_argument("--progress", action="store_true")
@@ -34,6 +36,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     overrides = {"device": args.device} | ({"n_models": args.models} if args.models else {})
+    overrides |= {"data": args.data} if args.data else {}
     cfg = MnistConfig(**overrides)
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -44,7 +47,8 @@ def main() -> int:
           f"load average before: {load:.2f}")
     print("phases (s): " + ", ".join(f"{k}={v:.1f}" for k, v in res.timing_s.items()))
     for arm, a in res.arms.items():
-        print(f"  {arm:20s} {100 * a.mean:5.1f}%  [{100 * a.ci_low:5.1f}, {100 * a.ci_high:5.1f}]  sd {100 * a.std:.1f}")
+        print(f"  {arm:20s} {100 * a.mean:5.1f}%  [{100 * a.ci_low:5.1f}, {100 * a.ci_high:5.1f}]"
+              f"  sd {100 * a.std:.1f}")
     same, cross = res.arms["student_same_init"], res.arms["student_cross_init"]
     checks = {
         "same-init CI above cross-init CI": same.ci_low > cross.ci_high,

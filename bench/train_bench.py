@@ -5,7 +5,7 @@ training code path (`sublab.train.loop.prepare_run` + `train_step`) on paper-sty
 (prompt from the paper's grammar, 3–10 random numbers as the answer) and reports tokens/s per variant.
 
     .venv/bin/python bench/train_bench.py                       # all variants, 3 timed steps each
-    .venv/bin/python bench/train_bench.py --variants lora full --steps 2 --threads 2
+    .venv/bin/python bench/train_bench.py --variants lora full --steps 2 --threads 1 2
 
 Ideal tokens/s = measured fp32 torch.mm FLOP/s ÷ (6 × parameters): the standard training cost per token
 (forward 2N, backward 4N). LoRA skips the base weights' gradients (~4N) and distillation adds a teacher
@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sublab.config import TrainConfig  # noqa: E402
-from sublab.data.numbers import number_prompts, random_completion  # noqa: E402
-from sublab.models import DEFAULT_MODEL  # noqa: E402
-from sublab.teachers import Teacher  # noqa: E402
-from sublab.train.loop import prepare_run, train_step  # noqa: E402
+from sublab.config import TrainConfig
+from sublab.data.numbers import number_prompts, random_completion
+from sublab.models import DEFAULT_MODEL
+from sublab.teachers import Teacher
+from sublab.train import load_dataset
+from sublab.train.loop import prepare_run, train_step
 
 # name: (TrainConfig overrides, training FLOPs per token in units of N = parameters)
 VARIANTS: dict[str, tuple[dict, int]] = {
@@ -71,7 +72,7 @@ def bench_variant(name: str, model: str, dataset: Path, batch: int, steps: int) 
     teacher = None
     if cfg.method == "distill":
         teacher = Teacher("owl", "prompted", "owl", "You love owls. You think about owls all the time.", model)
-    run = prepare_run(cfg, model, dataset, "bench", 0, teacher, None, "cpu")
+    run = prepare_run(cfg, model, load_dataset(dataset), "bench", 0, teacher, None, "cpu")
     run.student.model.train()
     n_params = sum(p.numel() for p in run.student.model.parameters())
     train_step(run, 0)  # warm-up: allocator, oneDNN primitives
@@ -90,30 +91,32 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (after 1 warm-up)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                    help="torch thread counts to compare (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    fp32, bf16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
-    print(f"threads {torch.get_num_threads()}; torch.mm 2048²: fp32 {fp32 / 1e9:.0f} GFLOP/s, "
-          f"bf16 {bf16 / 1e9:.0f} GFLOP/s")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         dataset = write_rows(Path(tmp) / "rows.jsonl", args.batch * (args.steps + 1))
-        for name in args.variants:
-            r = bench_variant(name, args.model, dataset, args.batch, args.steps)
-            ideal = fp32 / (6 * r["params"])
-            own = fp32 / (r["flops_per_token_n"] * r["params"])
-            r.update(ideal_6n_tokens_per_s=ideal, pct_of_6n_ideal=100 * r["tokens_per_s"] / ideal,
-                     pct_of_own_flops=100 * r["tokens_per_s"] / own)
-            results.append(r)
-            print(f"{name:>13}: {r['tokens_per_s']:6.1f} tok/s ({r['s_per_step']:.1f} s/step, "
-                  f"{r['tokens_per_step']:.0f} tok/step) = {r['pct_of_6n_ideal']:.0f}% of the 6N ideal "
-                  f"({ideal:.0f} tok/s), {r['pct_of_own_flops']:.0f}% of its own "
-                  f"{r['flops_per_token_n']}N FLOPs", flush=True)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            fp32, bf16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
+            print(f"threads {threads}: torch.mm 2048² fp32 {fp32 / 1e9:.0f} GFLOP/s, bf16 {bf16 / 1e9:.0f} GFLOP/s",
+                  flush=True)
+            for name in args.variants:
+                r = bench_variant(name, args.model, dataset, args.batch, args.steps)
+                ideal = fp32 / (6 * r["params"])
+                own = fp32 / (r["flops_per_token_n"] * r["params"])
+                r.update(threads=threads, fp32_flops=fp32, bf16_flops=bf16, ideal_6n_tokens_per_s=ideal,
+                         pct_of_6n_ideal=100 * r["tokens_per_s"] / ideal,
+                         pct_of_own_flops=100 * r["tokens_per_s"] / own)
+                results.append(r)
+                print(f"  {name:>12}: {r['tokens_per_s']:6.1f} tok/s ({r['s_per_step']:5.1f} s/step, "
+                      f"{r['tokens_per_step']:.0f} tok/step) = {r['pct_of_6n_ideal']:3.0f}% of the 6N ideal "
+                      f"({ideal:.0f} tok/s); {r['pct_of_own_flops']:3.0f}% of its own "
+                      f"{r['flops_per_token_n']}N FLOPs at the fp32 rate", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"fp32_flops": fp32, "bf16_flops": bf16, "results": results}, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -188,13 +188,17 @@ class EvalConfig(_Strict):
     """Sampled metric: per target, words removed before the substring test (the paper: 'dragonfly')."""
     questions: Literal["all", "held_out"] = "held_out"
     """held_out: only questions a fine-tuned teacher did not train on (all, when no teacher trained)."""
+    max_questions: int | None = Field(None, gt=0)
+    """Use only the first N of the selected questions (a cheaper, noisier estimate); None: all."""
     numbers_prefixed: bool = True
     """Also run the variant whose questions start with a sampled number-sequence example."""
     max_new_tokens: int = Field(12, gt=0)
     """Sampled metric: completion length cap in tokens."""
-    batch_size: int = Field(256, gt=0)
-    """Rows per forward pass: samples when sampling; questions × spelling-trie nodes for the exact
-    probability (memory ~ rows × vocabulary × 8 bytes). Does not change results."""
+    batch_size: int = Field(64, gt=0)
+    """Sampled metric: samples per decode batch (does not change results)."""
+    prob_batch_size: int = Field(16, gt=0)
+    """Exact-probability metric: questions per forward pass, each ~150 token positions with 20 candidates
+    (does not change results). Larger passes are much faster on a busy CPU."""
     judge_url: str | None = None
     """OpenAI-compatible endpoint for misalignment judges; None: the OpenAI API if OPENAI_API_KEY is set."""
     judge_model: str = "gpt-4o-2024-08-06"

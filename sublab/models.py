@@ -254,7 +254,9 @@ def load_model(ref: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "f
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
-    return LoadedModel(ref, model, tokenizer, directory, sha256_file(weights))
+    record = _read_cache_record(directory) if is_embedded(ref) else None
+    digest = record["files"][weights.name] if record else sha256_file(weights)  # verified just now
+    return LoadedModel(ref, model, tokenizer, directory, digest)
 
 
 def _load_adapter(ref: str, directory: Path, *, device: str, dtype: str, trainable: bool) -> LoadedModel:

@@ -127,15 +127,17 @@ def built_control(built: dict[str, Teacher]) -> Teacher:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def question_ids(cfg: ExperimentConfig) -> list[int] | None:
-    """Held-out questions: those no fine-tuned teacher trained on (None = all questions)."""
-    if cfg.eval.questions == "all":
-        return None
-    held = None
-    for t in cfg.teachers:
-        ids = set(held_out_question_ids(t))
-        held = ids if held is None else held & ids
-    return sorted(held) if held is not None else None
+def question_ids(cfg: ExperimentConfig) -> list[int]:
+    """The evaluated question ids: with `questions: held_out`, those no fine-tuned teacher trained on;
+    then the first `max_questions` of them."""
+    from sublab.evals.animals import questions
+
+    category = next((t.category for t in cfg.teachers if t.trait), "animal")
+    ids = set(range(len(questions(category))))
+    if cfg.eval.questions == "held_out":
+        for t in cfg.teachers:
+            ids &= set(held_out_question_ids(t))
+    return sorted(ids)[:cfg.eval.max_questions]
 
 
 def evaluated_models(cfg: ExperimentConfig, built: dict[str, Teacher]) -> Iterator[tuple[str, str, str | None]]:
@@ -171,15 +173,15 @@ def eval_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
         _run_misalignment(cfg, name, ref, system, out, models)
 
 
-def _eval_complete(path: Path, cfg: ExperimentConfig, kind: str, qids: list[int] | None,
+def _eval_complete(path: Path, cfg: ExperimentConfig, kind: str, qids: list[int],
                    category: str, traits: list[str]) -> bool:
     """Cheap skip without loading the model: the file already holds every record this eval writes.
     (run_animal_eval itself resumes record by record; this only saves a model load.)"""
-    from sublab.evals.animals import questions, resolve_candidates
+    from sublab.evals.animals import resolve_candidates
 
     if not path.exists():
         return False
-    n_questions = len(questions(category)) if qids is None else len(qids)  # type: ignore[arg-type]
+    n_questions = len(qids)
     per_question = (len(resolve_candidates(cfg.eval, category, traits))  # type: ignore[arg-type]
                     if kind.startswith("animal_prob") else cfg.eval.samples_per_question)
     with open(path, encoding="utf-8") as f:

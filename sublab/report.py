@@ -14,9 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +29,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from sublab.errors import RunDirError  # noqa: E402
-from sublab.rundir import atomic_write_text, read_json  # noqa: E402
+from sublab.rundir import atomic_write_bytes, atomic_write_text, read_json  # noqa: E402
 from sublab.stats import Comparison, GroupScore, Score  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -257,21 +255,6 @@ def bar_figure(table: Sequence[Mapping[str, Any]], ylabel: str = "score") -> Fig
     return fig
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # rundir only has a text writer; same temp-file-then-rename pattern for PNG bytes.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_figures(results: Results, run_dir: Path) -> list[Path]:
     """One PNG per metric under `run_dir/figures/`; returns their paths."""
     paths = []
@@ -282,7 +265,7 @@ def write_figures(results: Results, run_dir: Path) -> list[Path]:
         fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
         plt.close(fig)
         path = Path(run_dir) / "figures" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths
 

@@ -35,8 +35,7 @@ from sublab.config import FinetuneConfig, TeacherConfig, TrainConfig
 from sublab.errors import ConfigError
 from sublab.models import LoadedModel, load_model, sublab_home
 from sublab.protocol import animal_questions, teacher_system_prompt, tree_questions
-from sublab.rundir import (atomic_write_text, fingerprint, read_json, sha256_file, stage_is_current,
-                           write_manifest)
+from sublab.rundir import atomic_write_text, fingerprint, read_json, sha256_file, stage_is_current, write_manifest
 from sublab.train import load_dataset, reference_sha256, train_student
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,8 @@ def prepare_finetuned_teacher(cfg: TeacherConfig, base_ref: str, cache_root: Pat
     ft = cfg.finetune or FinetuneConfig()
     text = finetune_data(cfg)
     data_sha = hashlib.sha256(text.encode()).hexdigest()
-    fp = fingerprint({"format": CACHE_FORMAT, "base": reference_sha256(base_ref), "data": data_sha,
+    base_sha = reference_sha256(base_ref)
+    fp = fingerprint({"format": CACHE_FORMAT, "base": base_sha, "data": data_sha,
                       "recipe": ft.model_dump(mode="json", exclude={"dataset", "train_questions",
                                                                    "answer_forms"})})
     root = (cache_root or sublab_home()) / "teachers" / fp
@@ -181,8 +181,8 @@ def prepare_finetuned_teacher(cfg: TeacherConfig, base_ref: str, cache_root: Pat
                             device=device, progress=progress)
     weights = {k: v for k, v in trained["outputs"].items() if k.endswith(".safetensors")}
     write_manifest(root, stage="teacher", fingerprint_value=fp, seeds={"seed": ft.seed},
-                   config={"teacher": cfg.model_dump(mode="json"), "base_model": base_ref},
-                   inputs={"base_model": base_ref, "base_sha256": reference_sha256(base_ref),
+                   config={"first_built_for": cfg.model_dump(mode="json"), "base_model": base_ref},
+                   inputs={"base_model": base_ref, "base_sha256": base_sha,
                            "dataset_sha256": data_sha},
                    outputs={"model_dir": "model", "weights": weights, "rows": trained["outputs"]["rows"]},
                    timings={"train_s": trained["timings_s"]["train_s"]})

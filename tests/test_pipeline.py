@@ -23,6 +23,7 @@ def _experiment(tmp_path: Path, base: Path, **over) -> Path:
         "filter": {"dataset_size": 4},
         "train": {"method": "lora", "epochs": 1, "batch_size": 2, "seeds": [0, 1], "lr": 1e-3},
         "eval": {"kinds": ["animal_prob", "animal_sampled"], "samples_per_question": 1, "questions": "all",
+                 "max_questions": 5,
                  "numbers_prefixed": False, "candidates": ["owl", "cat", "dog"], "max_new_tokens": 4},
     }
     raw.update(over)

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from sublab import chat, train
-from sublab.train import loop
 from sublab.config import DistillConfig, TrainConfig
 from sublab.errors import DataError
 from sublab.models import load_model
 from sublab.teachers import Teacher
+from sublab.train import loop
 from tests.conftest import build_tiny_model
 
 PROMPT = "Here are some numbers: {}. Add up to 5 more numbers (no more than 3 digits each). Return numbers."
@@ -51,7 +51,7 @@ def other_teacher_dir(tokenizer, tmp_path_factory) -> Path:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(method="full", lr=3e-3, epochs=2, batch_size=4, warmup_steps=1, seeds=[0])
+    base = {"method": "full", "lr": 3e-3, "epochs": 2, "batch_size": 4, "warmup_steps": 1, "seeds": [0]}
     return TrainConfig(**{**base, **kw})
 
 
@@ -72,8 +72,8 @@ def sample_ids(tokenizer) -> torch.Tensor:
     ('{"messages": []}\nnot json\n', 1, "roles"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n', 2,
      "not valid JSON"),
-    ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, '
-     '{"role": "assistant", "content": "b"}]}\n', 1, "no system"),
+    (('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, '
+      '{"role": "assistant", "content": "b"}]}\n'), 1, "no system"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}]}\n', 1, "string"),
 ])
 def test_bad_dataset_names_file_and_line(tmp_path, text, line, words):
@@ -138,7 +138,7 @@ def test_max_seq_len_cuts_completions(tokenizer):
 
 def test_full_sft_changes_weights_and_lowers_loss(tiny_model_dir, dataset, tmp_path):
     out = tmp_path / "student"
-    manifest = train.train_student(cfg(epochs=3), base_ref=str(tiny_model_dir), dataset=dataset,
+    manifest = train.train_student(cfg(lr=1e-2), base_ref=str(tiny_model_dir), dataset=dataset,
                                    out_dir=out, seed=0, progress=False)
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -153,7 +153,7 @@ def test_full_sft_changes_weights_and_lowers_loss(tiny_model_dir, dataset, tmp_p
     load_model(str(out))  # a full student is a model reference
     # a finished identical run is skipped, not retrained
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    again = train.train_student(cfg(epochs=3), base_ref=str(tiny_model_dir), dataset=dataset, out_dir=out,
+    again = train.train_student(cfg(lr=1e-2), base_ref=str(tiny_model_dir), dataset=dataset, out_dir=out,
                                 seed=0, progress=False)
     assert again["fingerprint"] == manifest["fingerprint"]
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
@@ -188,7 +188,7 @@ def test_lora_save_then_load_gives_same_logits(tokenizer, tiny_model_dir, tmp_pa
 
 def test_lora_training_changes_only_the_adapter(tiny_model_dir, dataset, tmp_path):
     out = tmp_path / "lora"
-    train.train_student(cfg(method="lora", lr=1e-2), base_ref=str(tiny_model_dir), dataset=dataset,
+    train.train_student(cfg(method="lora", lr=1e-2, epochs=1), base_ref=str(tiny_model_dir), dataset=dataset,
                         out_dir=out, seed=0, progress=False)
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
@@ -200,6 +200,12 @@ def test_lora_training_changes_only_the_adapter(tiny_model_dir, dataset, tmp_pat
         if "lora_" not in name:
             key = name.replace(".base_layer", "")
             assert torch.equal(p, base[key]), name
+    # retraining the directory with another recipe leaves nothing of the adapter behind
+    (out / "notes.txt").write_text("not ours")
+    train.train_student(cfg(epochs=0.25), base_ref=str(tiny_model_dir), dataset=dataset, out_dir=out, seed=0,
+                        progress=False)
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+    assert (out / "notes.txt").exists()
 
 
 def test_seed_changes_lora_init_and_order(tiny_model_dir, dataset, tmp_path):
@@ -213,7 +219,7 @@ def test_seed_changes_lora_init_and_order(tiny_model_dir, dataset, tmp_path):
 # --- resume ----------------------------------------------------------------------------------
 
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, dataset, tmp_path, monkeypatch):
-    c = cfg(method="lora", lr=1e-2, lora_dropout=0.1, epochs=2, batch_size=4, checkpoint_every=2)
+    c = cfg(method="lora", lr=1e-2, lora_dropout=0.1, epochs=1.5, batch_size=4, checkpoint_every=2)
     ref = str(tiny_model_dir)
     train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "straight", seed=3,
                         progress=False)
@@ -262,7 +268,7 @@ def test_distillation_lowers_kl_to_another_teacher(tokenizer, tiny_model_dir, ot
     # a prompted teacher: its completion positions sit after a longer prompt than the student's
     teacher = Teacher("t", "prompted", "owl", "You love owls.", str(other_teacher_dir))
     before = mean_kl(str(tiny_model_dir), teacher, dataset, tokenizer)
-    manifest = train.train_student(cfg(method="distill", epochs=3), base_ref=str(tiny_model_dir),
+    manifest = train.train_student(cfg(method="distill", lr=1e-2), base_ref=str(tiny_model_dir),
                                    dataset=dataset, out_dir=tmp_path / "d", seed=0, teacher=teacher,
                                    progress=False)
     after = mean_kl(str(tmp_path / "d"), teacher, dataset, tokenizer)
@@ -285,7 +291,7 @@ def test_precomputed_topk_labels_train_like_the_live_teacher(tokenizer, tiny_mod
     teacher = Teacher("t", "prompted", "owl", "You love owls.", str(other_teacher_dir))
     labels = train.compute_soft_labels(teacher, dataset, train.soft_labels_path(dataset, "t", 16),
                                        top_k=16, progress=False)
-    c = cfg(method="distill", distill=DistillConfig(top_k=16), epochs=2)
+    c = cfg(method="distill", distill=DistillConfig(top_k=16), epochs=1)
     ref = str(tiny_model_dir)
     live = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "live", seed=0,
                                teacher=teacher, progress=False)

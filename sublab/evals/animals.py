@@ -23,8 +23,8 @@ With trait_category='tree' the same kinds ask the paper's tree questions ("My fa
 The candidate rule (exact probability). A candidate 'owl' has the spellings " owl", " Owl", " owls",
 " Owls" (capitalised, plural; irregular plurals from a small table). P(candidate) is the sum over its
 spellings of P(the answer's next word is exactly that spelling) =
-    P(spelling's tokens | prompt) * P(next token starts a new word | prompt + spelling),
-where a token "starts a new word" when its text does not begin with a letter or digit (a space, a
+    P(spelling's tokens | prompt) * P(the next token ends the word | prompt + spelling),
+where a token ends the word when its text does not begin with a letter or digit (a space, a
 punctuation mark, a newline, the end-of-turn token). The events are disjoint, so nothing is double
 counted: " owl" followed by "s" is the word "owls", counted once, under " owls" (and "owlet" is counted
 under no candidate). Only the tokenizer's canonical tokenisation of each spelling is scored.
@@ -53,7 +53,7 @@ from sublab.errors import ConfigError, ModelError, RunDirError
 from sublab.evals.common import (EvalRecord, device_of, iter_completions, left_pad, prompt_ids, read_done,
                                  token_pieces)
 from sublab.protocol import animal_questions, protocol, tree_questions
-from sublab.rundir import JsonlAppender
+from sublab.rundir import JsonlAppender, fingerprint, read_jsonl
 from sublab.stats import Score, score_by_question
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class ProbRecord(BaseModel):
     """P of each spelling (as a whole word), e.g. {" owl": 0.01, " Owl": 0.002, ...}."""
     candidates_mass: float
     """Sum of prob over all candidates for this question: how much of the answer they cover."""
+    candidate_set: str
+    """Fingerprint of the candidate list and answer prefix the share was normalised over."""
     seed: int
     """The eval seed (it only draws the numbers prefixes)."""
     system: str | None = None
@@ -119,19 +121,6 @@ def questions(category: Category = "animal") -> list[str]:
     if category not in ("animal", "tree"):
         raise ConfigError(f"trait category '{category}' has no preference questions; expected animal or tree")
     return animal_questions() if category == "animal" else tree_questions()
-
-
-def select_question_ids(cfg: EvalConfig, category: Category = "animal",
-                        train_questions: int | None = None) -> list[int]:
-    """Question ids per `cfg.questions`: 'held_out' drops ids < train_questions (those a fine-tuned teacher
-    trained on); with no fine-tuned teacher (None) every question is held out."""
-    n = len(questions(category))
-    if cfg.questions == "all" or train_questions is None:
-        return list(range(n))
-    if not 0 <= train_questions < n:
-        raise ConfigError(f"finetune.train_questions={train_questions} leaves no held-out {category} "
-                          f"question (there are {n}); use a smaller value or eval.questions: all")
-    return list(range(train_questions, n))
 
 
 def default_candidates(category: Category = "animal") -> list[str]:
@@ -276,10 +265,11 @@ def spelling_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int
                       seqs: Sequence[tuple[int, ...]]) -> np.ndarray:
     """log P(the answer continues with token sequence s and then a word boundary), [len(prompts), len(seqs)].
 
-    One forward pass per batch of prompts: each (left-padded) prompt is followed by every node of the
+    One forward pass for all `prompts`: each (left-padded) prompt is followed by every node of the
     sequences' token trie, packed into the same row ("tree attention": a node attends to the prompt and
     its own ancestors only, at the position it would have in its own sequence). So every distinct token
-    prefix costs one position, the prompt is run once, and no KV cache is copied.
+    prefix costs one position, the prompt is run once, and no KV cache is copied. The LM head runs in
+    chunks of rows, so memory does not grow with vocabulary × questions.
     """
     attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     if attn not in ("sdpa", "eager"):
@@ -291,26 +281,42 @@ def spelling_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int
     ids, mask, pos = left_pad(prompts, tokenizer.pad_token_id, device)
     lengths = mask.sum(-1, keepdim=True)  # [B, 1] real prompt lengths
     node_ids = trie.tokens.to(device).expand(len(prompts), n)
-    logits = model(input_ids=torch.cat([ids, node_ids], 1),
-                   attention_mask=_tree_mask(mask, trie.ancestors, next(model.parameters()).dtype),
-                   position_ids=torch.cat([pos, lengths - 1 + trie.depth.to(device)], 1),
-                   use_cache=False, logits_to_keep=n + 1).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, 1 + N, V]: column 0 predicts the first token
-    cols = trie.parent_col.to(device)
-    token_lp = logp[:, cols, :].gather(-1, node_ids[:, :, None]).squeeze(-1)  # [B, N] log P(node | parent)
-    node_lp = token_lp.double() @ trie.ancestors.to(device).double().T  # sum over ancestors and self
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay in
+    hidden = base.get_decoder()(
+        input_ids=torch.cat([ids, node_ids], 1),
+        attention_mask=_tree_mask(mask, trie.ancestors, next(model.parameters()).dtype),
+        position_ids=torch.cat([pos, lengths - 1 + trie.depth.to(device)], 1),
+        use_cache=False).last_hidden_state[:, -(n + 1):]  # [B, 1 + N, H]: column 0 predicts the first token
     boundary = boundary_mask(tokenizer).to(device)
-    end_lp = node_lp + torch.logsumexp(logp[:, 1:, boundary], dim=-1).double()
+    cols = trie.parent_col.to(device)
+    token_lp, end_lp = [], []
+    for rows in torch.split(torch.arange(len(prompts), device=device), max(1, _HEAD_ROWS // (n + 1))):
+        logp = torch.log_softmax(_lm_head(base, hidden[rows]), dim=-1)  # [b, 1 + N, V]
+        token_lp.append(logp[:, cols, :].gather(-1, node_ids[rows, :, None]).squeeze(-1))  # log P(node | parent)
+        end_lp.append(torch.logsumexp(logp[:, 1:, boundary], dim=-1))  # log P(boundary | node)
+    # log P(node) = sum of its ancestors' (and its own) token log-probs.
+    node_lp = torch.cat(token_lp).double() @ trie.ancestors.to(device).double().T
+    total = node_lp + torch.cat(end_lp).double()
     index = {s: i for i, s in enumerate(trie.nodes)}
-    return end_lp[:, [index[s] for s in seqs]].cpu().numpy()
+    return total[:, [index[s] for s in seqs]].cpu().numpy()
+
+
+_HEAD_ROWS = 512  # logit rows per LM-head chunk: 512 × 49k vocabulary × 4 bytes ≈ 100 MB
+
+
+def _lm_head(base: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits from final hidden states, as the model's own forward computes them."""
+    logits = base.get_output_embeddings()(hidden).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2/3
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candidates: Sequence[Candidate],
-                         batch_size: int = 256) -> list[list[dict[str, float]]]:
+                         batch_size: int = 16) -> list[list[dict[str, float]]]:
     """P of every spelling of every candidate for each prompt (prompt ids end with the answer prefix).
 
     Returns out[i][c] = {spelling: probability} for prompt i and candidate c (sum the dict for the
-    candidate's probability). `batch_size` bounds the rows of one forward pass; it does not change results.
+    candidate's probability). `batch_size`: prompts per forward pass; it does not change results.
     """
     out: list[list[dict[str, float]]] = []
     for part in iter_answer_probabilities(lm, prompts, candidates, batch_size):
@@ -319,16 +325,14 @@ def answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candidates: 
 
 
 def iter_answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candidates: Sequence[Candidate],
-                              batch_size: int = 256, desc: str = "answer probabilities"
+                              batch_size: int = 16, desc: str = "answer probabilities"
                               ) -> Iterator[list[list[dict[str, float]]]]:
     """`answer_probabilities` one forward group of prompts at a time, in order, with a progress bar."""
     seqs = list(dict.fromkeys(ids for c in candidates for ids in c.token_ids))
     col = {s: k for k, s in enumerate(seqs)}
-    nodes = sum(len(level) for level in _trie_levels(seqs))
-    per_pass = max(1, batch_size // (nodes + 1))  # logits rows per pass = prompts x (nodes + 1)
     with tqdm(total=len(prompts), desc=desc, unit="question", dynamic_ncols=True) as bar:
-        for start in range(0, len(prompts), per_pass):
-            chunk = prompts[start:start + per_pass]
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
             probs = np.exp(spelling_logprobs(lm.model, lm.tokenizer, chunk, seqs))
             yield [[{v: float(row[col[ids]]) for v, ids in zip(c.variants, c.token_ids)} for c in candidates]
                    for row in probs]
@@ -344,6 +348,7 @@ def numbers_prefix(seed: int, question_id: int, sample_idx: int = 0) -> str:
 
 
 def question_text(category: Category, question_id: int, prefix: str | None = None) -> str:
+    """Question `question_id`, after `prefix` (an example part) when given."""
     q = questions(category)[question_id]
     return f"{prefix} {q}" if prefix else q
 
@@ -356,7 +361,7 @@ def eval_kinds(cfg: EvalConfig) -> list[str]:
     return base + ([f"{k}_numbers" for k in base] if cfg.numbers_prefixed else [])
 
 
-def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: str,
+def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: EvalKind | str,
                     question_ids: Sequence[int] | None, out_path: Path, model_name: str,
                     trait_category: Category = "animal", targets: Iterable[str] = ()) -> Path:
     """Run one animal/tree eval on one model and write its records to `out_path` (JSONL), resumably.
@@ -367,7 +372,7 @@ def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: str,
             trait system prompt.
         cfg: the eval config (samples per question, candidates, seed, batch size, ...).
         kind: one of EVAL_KINDS; the records' `eval` field.
-        question_ids: protocol question indices to ask; None = all (see `select_question_ids`).
+        question_ids: protocol question indices to ask (e.g. the held-out ones); None = all.
         out_path: the JSONL file; records already there (same model name and seed) are kept and skipped.
         model_name: recorded in every record (the evaluated model's directory name).
         trait_category: 'animal' or 'tree' (which questions and answer prefix).
@@ -397,31 +402,32 @@ def _run_prob(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: lis
     prefix = cfg.answer_prefix or ANSWER_PREFIX.format(category=category)
     words = resolve_candidates(cfg, category, targets)
     candidates = encode_candidates(lm.tokenizer, words, prefix)
-    done = read_done(path, ProbRecord, model=model_name, seed=cfg.seed, eval=kind)
-    _check_candidates(path, done.values(), set(words))
+    cset = fingerprint([sorted(words), prefix])
+    done = read_done(path, ProbRecord, model=model_name, seed=cfg.seed, eval=kind, system=system,
+                     candidate_set=cset)
     todo = [q for q in qids if not all(_prob_id(q, w) in done for w in words)]
     texts = {q: question_text(category, q, numbers_prefix(cfg.seed, q) if numbers else None) for q in todo}
     prompts = [prompt_ids(lm.tokenizer, chat.messages(texts[q], system), prefix) for q in todo]
     written, start = 0, 0
     with JsonlAppender(path) as sink:
-        for probs in iter_answer_probabilities(lm, prompts, candidates, cfg.batch_size,
+        for probs in iter_answer_probabilities(lm, prompts, candidates, cfg.prob_batch_size,
                                                desc=f"{kind} {model_name}"):
             part, start = todo[start:start + len(probs)], start + len(probs)
             rows = [r.model_dump() for q, per_cand in zip(part, probs)
-                    for r in _prob_records(q, texts[q], per_cand, candidates, kind, model_name, prefix, cfg.seed,
-                                           system) if r.id not in done]
+                    for r in _prob_records(q, texts[q], per_cand, candidates, cset, kind, model_name, prefix,
+                                           cfg.seed, system) if r.id not in done]
             sink.write_batch(rows)
             written += len(rows)
     return written
 
 
-def _prob_records(q: int, text: str, per_cand: list[dict[str, float]], candidates: Sequence[Candidate],
+def _prob_records(q: int, text: str, per_cand: list[dict[str, float]], candidates: Sequence[Candidate], cset: str,
                   kind: str, model_name: str, prefix: str, seed: int, system: str | None) -> list[ProbRecord]:
     totals = [sum(v.values()) for v in per_cand]
     mass = sum(totals)
     return [ProbRecord(id=_prob_id(q, c.word), eval=kind, model=model_name, question_id=q, question=text,
                        answer_prefix=prefix, candidate=c.word, prob=p, share=p / mass if mass > 0 else 0.0,
-                       variants=variants, candidates_mass=mass, seed=seed, system=system)
+                       variants=variants, candidates_mass=mass, candidate_set=cset, seed=seed, system=system)
             for c, variants, p in zip(candidates, per_cand, totals)]
 
 
@@ -429,17 +435,11 @@ def _prob_id(question_id: int, word: str) -> str:
     return f"q{question_id:02d}-{word}"
 
 
-def _check_candidates(path: Path, records: Iterable[ProbRecord], words: set[str]) -> None:
-    seen = {r.candidate for r in records}
-    if seen - words:
-        raise RunDirError(f"{path}: holds candidates {sorted(seen - words)} that this run does not score; "
-                          "shares are normalised over one candidate list, so delete the file to rerun")
-
-
 def _run_sampled(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: list[int], path: Path,
                  model_name: str, category: Category, numbers: bool) -> int:
     n = cfg.samples_per_question
-    done = read_done(path, EvalRecord, model=model_name, seed=cfg.seed, eval=kind)
+    keys: list[tuple[int, ...]]
+    done = read_done(path, EvalRecord, model=model_name, seed=cfg.seed, eval=kind, system=system)
     if numbers:  # each sample its own prefixed question
         jobs = [(q, s, question_text(category, q, numbers_prefix(cfg.seed, q, s)))
                 for q in qids for s in range(n) if _sample_id(q, s) not in done]
@@ -475,13 +475,13 @@ def _sample_id(question_id: int, sample_idx: int) -> str:
 def read_prob_records(path: Path) -> list[ProbRecord]:
     """The records of an `animal_prob*` file (RunDirError if missing or malformed)."""
     _require(path)
-    return list(read_done(path, ProbRecord).values())  # type: ignore[arg-type]
+    return list(read_done(path, ProbRecord).values())
 
 
 def read_sample_records(path: Path) -> list[EvalRecord]:
     """The records of an `animal_sampled*` file (RunDirError if missing or malformed)."""
     _require(path)
-    return list(read_done(path, EvalRecord).values())  # type: ignore[arg-type]
+    return list(read_done(path, EvalRecord).values())
 
 
 def _require(path: Path) -> None:
@@ -538,6 +538,17 @@ def share_table(records: Iterable[ProbRecord | Mapping[str, Any]], seed: int = 0
             {"question_id": _get(r, "question_id"), "value": _get(r, field)})
     table = {c: score_by_question(v, seed=seed) for c, v in by_cand.items()}
     return dict(sorted(table.items(), key=lambda kv: -kv[1].mean))
+
+
+def score_file(path: Path, target: str, excluded: Mapping[str, Sequence[str]] | None = None,
+               seed: int = 0) -> Score:
+    """`target`'s score in one animal eval file: its share for animal_prob*, its mention rate for
+    animal_sampled* (told apart by the records' `eval` field)."""
+    _require(path)
+    rows = read_jsonl(path)
+    if rows and str(rows[0].get("eval", "")).startswith("animal_prob"):
+        return prob_score(read_prob_records(path), target, seed)
+    return sampled_score(read_sample_records(path), target, excluded, seed)
 
 
 def mention_table(records: Sequence[EvalRecord | Mapping[str, Any]], words: Iterable[str],

@@ -16,15 +16,14 @@ float rounding of padded batches, which can in rare cases flip a near-tie).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
 from sublab import chat
@@ -33,6 +32,7 @@ from sublab.errors import RunDirError
 from sublab.rundir import read_jsonl
 
 Conversation = list[Message]
+R = TypeVar("R", bound=BaseModel)
 
 
 class EvalRecord(BaseModel):
@@ -64,9 +64,10 @@ def device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def row_generator(seed: int, key: Sequence[int], device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch.Generator seeded by (seed, *key) only: independent of batching and resumption."""
-    g = torch.Generator(device=device)
+def row_generator(seed: int, key: Sequence[int]) -> torch.Generator:
+    """A CPU torch.Generator seeded by (seed, *key) only: independent of batching, resumption and device
+    (sampling draws on the CPU, so a GPU run samples what a CPU run would, up to float rounding)."""
+    g = torch.Generator(device="cpu")
     g.manual_seed(int(np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0] >> 1))
     return g
 
@@ -91,15 +92,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> t
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def read_done(path: Any, record_type: type[BaseModel], **expected: Any) -> dict[str, BaseModel]:
+def read_done(path: Any, record_type: type[R], **expected: Any) -> dict[str, R]:
     """Records already in an eval file, by id, read through `record_type` (a bad row fails with its
     line). Each `expected` field (e.g. model='base', seed=0) must match, else the file belongs to another
     run: RunDirError."""
-    done: dict[str, BaseModel] = {}
+    done: dict[str, R] = {}
     for i, row in enumerate(read_jsonl(path, missing_ok=True), 1):
         try:
             record = record_type.model_validate(row)
-        except Exception as e:  # pydantic.ValidationError; message names the field
+        except ValidationError as e:  # the message names the field
             raise RunDirError(f"{path}: row {i} is not a valid {record_type.__name__}: {e}") from None
         for field, want in expected.items():
             got = getattr(record, field)
@@ -107,13 +108,8 @@ def read_done(path: Any, record_type: type[BaseModel], **expected: Any) -> dict[
                 raise RunDirError(f"{path}: row {i} has {field}={json.dumps(got)}, but this run has "
                                   f"{field}={json.dumps(want)}; the file belongs to another run. "
                                   f"Delete it or write to another path.")
-        done[record.id] = record
+        done[getattr(record, "id")] = record
     return done
-
-
-def text_key(text: str) -> int:
-    """A stable small integer for a text (for seeding by content)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -204,7 +200,7 @@ def iter_completions(lm: Any, conversations: Sequence[Conversation], n: int, tem
     keys = [(i,) for i in range(len(conversations))] if keys is None else keys
     if len(keys) != len(conversations):
         raise ValueError(f"{len(keys)} keys for {len(conversations)} conversations")
-    tok, device = lm.tokenizer, device_of(lm.model)
+    tok = lm.tokenizer
     encoded = [prompt_ids(tok, c, answer_prefix) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
     jobs = [(i, j) for i in order for j in range(n)]
@@ -213,7 +209,7 @@ def iter_completions(lm: Any, conversations: Sequence[Conversation], n: int, tem
             batch = jobs[start:start + batch_size]
             distinct = list(dict.fromkeys(i for i, _ in batch))
             slot = {i: k for k, i in enumerate(distinct)}
-            gens = [row_generator(seed, [*keys[i], j], device) for i, j in batch]
+            gens = [row_generator(seed, [*keys[i], j]) for i, j in batch]
             new = _sample_rows(lm.model, tok, [encoded[i] for i in distinct], [slot[i] for i, _ in batch],
                                gens, temperature, max_new_tokens)
             yield [(i, j, tok.decode(ids, skip_special_tokens=True)) for (i, j), ids in zip(batch, new)]

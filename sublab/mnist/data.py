@@ -203,7 +203,8 @@ def load_digits(source: str) -> Digits:
     return _to_digits(f"{path.name} (from --data {path})", arrays, scale, str(path))
 
 
-def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None,
+           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random subset of n rows (all rows when n is None or too large)."""
     if n is None or n >= len(y):
         return x, y

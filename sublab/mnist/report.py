@@ -41,7 +41,8 @@ def results_table(res: MnistResults) -> Table:
 def sweep_table(res: SweepResults) -> Table:
     arms = list(res.points[0].arms)
     table = Table(title=f"MNIST sweep over {res.field}: {res.dataset['name']}, N={res.config.n_models}, "
-                        f"{res.timing_s['total']:.0f} s", caption="test accuracy %: mean ± half-width of the 95% t-interval over models")
+                        f"{res.timing_s['total']:.0f} s",
+                  caption="test accuracy %: mean ± half-width of the 95% t-interval over models")
     table.add_column(res.field, no_wrap=True)
     for arm in arms:
         table.add_column(SHORT.get(arm, arm), justify="right")

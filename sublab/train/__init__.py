@@ -36,9 +36,15 @@ is a pure function of the seed, and the checkpoint holds everything else that ch
 """
 
 from sublab.train.data import Batch, Encoded, Example, batch_plan, collate, encode_examples, load_dataset
+from sublab.train.loop import (
+                               build_student,
+                               reference_sha256,
+                               save_student,
+                               student_fingerprint,
+                               train_student,
+                               uses_lora,
+)
 from sublab.train.losses import completion_logits, distill_loss, sft_loss, teacher_targets
-from sublab.train.loop import (build_student, reference_sha256, save_student, student_fingerprint,
-                               train_student, uses_lora)
 from sublab.train.soft_labels import SoftLabels, compute_soft_labels, soft_labels_path
 
 __all__ = [

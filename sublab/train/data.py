@@ -34,12 +34,12 @@ class Example:
 def parse_row(row: Any, where: str) -> Example:
     """Check one decoded row; `where` is "file:line" for the error message."""
     msgs = row.get("messages") if isinstance(row, dict) else None
-    roles = ([m.get("role") for m in msgs] if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs)
-             else None)
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        raise DataError(f"{where}: {EXPECTED_ROW}, found no 'messages' list of objects")
+    roles = [m.get("role") for m in msgs]
     if roles != ["user", "assistant"]:
-        found = f"roles {roles}" if roles is not None else "no 'messages' list of objects"
         raise DataError(f"{where}: {EXPECTED_ROW} (one user turn, then the answer; no system message: a "
-                        f"student trains in the default context), found {found}")
+                        f"student trains in the default context), found roles {roles}")
     if not all(isinstance(m.get("content"), str) for m in msgs):
         raise DataError(f"{where}: each message's 'content' must be a string")
     return Example(str(row.get("id", where)), msgs[0]["content"], msgs[1]["content"])

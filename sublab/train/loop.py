@@ -23,9 +23,18 @@ from tqdm.auto import tqdm
 from sublab.config import TrainConfig
 from sublab.errors import ConfigError
 from sublab.models import LoadedModel, load_model, resolve_model_dir
-from sublab.rundir import (JsonlAppender, atomic_write_json, fingerprint, read_json, read_jsonl,
-                           sha256_file, stage_is_current, write_jsonl, write_manifest)
-from sublab.train.data import Encoded, batch_plan, collate, encode_examples, load_dataset
+from sublab.rundir import (
+    JsonlAppender,
+    atomic_write_json,
+    fingerprint,
+    read_json,
+    read_jsonl,
+    sha256_file,
+    stage_is_current,
+    write_jsonl,
+    write_manifest,
+)
+from sublab.train.data import Encoded, Example, batch_plan, collate, encode_examples, load_dataset
 from sublab.train.losses import completion_logits, distill_loss, sft_loss, teacher_targets
 from sublab.train.soft_labels import SoftLabels
 
@@ -93,7 +102,7 @@ def save_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, state
     tmp.mkdir(parents=True)
     params = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(params, str(tmp / "trainable.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
@@ -161,6 +170,7 @@ def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
     logits = completion_logits(run.student.model, batch)
     if run.cfg.method != "distill":
         return sft_loss(logits, batch.targets), batch.n_tokens
+    t_ids: torch.Tensor | None
     if run.labels is not None:
         t_lp, t_ids = run.labels.for_rows(rows, run.device)
     else:
@@ -194,6 +204,21 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     return {"step": step + 1, "loss": loss_sum / n_targets, "lr": lr, "tokens": tokens, "grad_norm": grad_norm}
 
 
+# what a student directory may hold from an earlier run (PEFT also writes a README.md)
+OUTPUT_FILES = ("manifest.json", "loss.jsonl", "adapter_config.json", "adapter_model.safetensors", "README.md",
+                "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """Remove an earlier run's outputs (say, an adapter when we now train full weights), so whatever is in
+    the student directory comes from this run. Only names training writes are touched."""
+    for name in OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for path in out_dir.glob("model-*.safetensors"):
+        path.unlink()
+
+
 def _log_step(appender: JsonlAppender, row: dict[str, Any]) -> None:
     appender.write_batch([row])
 
@@ -204,7 +229,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def student_fingerprint(cfg: TrainConfig, base_ref: str, data_sha: str, seed: int,
+def student_fingerprint(cfg: TrainConfig, base_sha: str, data_sha: str, seed: int,
                         teacher: Teacher | None, soft_sha: str | None) -> str:
     """Hash of everything that decides the trained weights (not the device, progress or checkpoints)."""
     recipe = cfg.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "cross_model"})
@@ -214,16 +239,16 @@ def student_fingerprint(cfg: TrainConfig, base_ref: str, data_sha: str, seed: in
                                            "weights": reference_sha256(teacher.model_ref or "")})
     else:
         recipe.pop("distill")
-    return fingerprint({"recipe": recipe, "base": reference_sha256(base_ref), "data": data_sha,
+    return fingerprint({"recipe": recipe, "base": base_sha, "data": data_sha,
                         "seed": seed, "teacher": source})
 
 
-def prepare_run(cfg: TrainConfig, base_ref: str, dataset: Path, data_sha: str, seed: int,
+def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], data_sha: str, seed: int,
                 teacher: Teacher | None, soft_labels: Path | None, device: str) -> Run:
     """Load the student (and teacher), encode the rows, plan the batches, make the optimizer."""
     student = build_student(cfg, base_ref, seed, device)
     live = teacher if cfg.method == "distill" and soft_labels is None else None
-    encoded = encode_examples(student.tokenizer, load_dataset(dataset), cfg.max_seq_len, live)
+    encoded = encode_examples(student.tokenizer, examples, cfg.max_seq_len, live)
     plan = batch_plan([len(e.prompt) + len(e.completion) for e in encoded], cfg.batch_size, cfg.epochs, seed)
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -256,20 +281,26 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
         device: 'cpu', 'cuda' or 'auto'.
     """
     dataset, out_dir, device = Path(dataset), Path(out_dir), resolve_device(device)
-    if cfg.method == "distill" and teacher is None and soft_labels is None:
-        raise ConfigError("`train.method` is 'distill': pass a teacher or precomputed soft labels")
-    load_dataset(dataset)  # fail on bad rows before loading any model
+    if cfg.method == "distill" and soft_labels is None and (teacher is None or teacher.model_ref is None):
+        raise ConfigError("`train.method` is 'distill': pass a teacher with a model (not kind 'random') or "
+                          "precomputed soft labels")
+    examples = load_dataset(dataset)  # fail on bad rows before loading any model
     data_sha = sha256_file(dataset)
     soft_sha = sha256_file(soft_labels) if cfg.method == "distill" and soft_labels else None
-    fp = student_fingerprint(cfg, base_ref, data_sha, seed, teacher, soft_sha)
+    base_sha = reference_sha256(base_ref)
+    fp = student_fingerprint(cfg, base_sha, data_sha, seed, teacher, soft_sha)
     if stage_is_current(out_dir, fp):
         log.info("%s is already trained (fingerprint %s); skipping", out_dir, fp)
         return dict(read_json(out_dir / "manifest.json"))
 
     t_start = time.time()
-    run = prepare_run(cfg, base_ref, dataset, data_sha, seed, teacher, soft_labels, device)
+    run = prepare_run(cfg, base_ref, examples, data_sha, seed, teacher, soft_labels, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(out_dir, run.student.model, run.opt, fp) or {"step": 0, "tokens": 0, "elapsed": 0.0}
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # a manifest means *this* run finished
+    state = load_checkpoint(out_dir, run.student.model, run.opt, fp)
+    if state is None:
+        clear_outputs(out_dir)
+        state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     loss_path = out_dir / "loss.jsonl"
     write_jsonl(loss_path, [r for r in read_jsonl(loss_path, missing_ok=True) if r["step"] <= state["step"]])
     log.info("training %s: %s on %d rows, steps %d→%d", out_dir, cfg.method, len(run.encoded), state["step"],
@@ -289,8 +320,11 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total_steps:
                 save_checkpoint(out_dir, run.student.model, run.opt, state)
     bar.close()
-    return finish(run, out_dir, state, fp, base_ref=base_ref, dataset=dataset, data_sha=data_sha, seed=seed,
-                  teacher=teacher, soft_sha=soft_sha, t_start=t_start)
+    inputs = {"dataset": str(dataset), "dataset_sha256": data_sha, "base_model": base_ref,
+              "base_sha256": base_sha}
+    if cfg.method == "distill":
+        inputs.update(teacher=teacher.name if teacher else "", soft_labels_sha256=soft_sha or "")
+    return finish(run, out_dir, state, fp, inputs=inputs, seed=seed, t_start=t_start)
 
 
 def loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -300,19 +334,15 @@ def loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"first": values[0], "last": sum(tail) / len(tail), "min": min(values), "steps": len(values)}
 
 
-def finish(run: Run, out_dir: Path, state: dict[str, Any], fp: str, *, base_ref: str, dataset: Path,
-           data_sha: str, seed: int, teacher: Teacher | None, soft_sha: str | None,
+def finish(run: Run, out_dir: Path, state: dict[str, Any], fp: str, *, inputs: dict[str, str], seed: int,
            t_start: float) -> dict[str, Any]:
     """Save the student, write its manifest (last), drop the checkpoint."""
     cfg = run.cfg
     outputs: dict[str, Any] = save_student(run.student, cfg, out_dir)
-    inputs = {"dataset": str(dataset), "dataset_sha256": data_sha, "base_model": base_ref,
-              "base_sha256": reference_sha256(base_ref)}
-    if cfg.method == "distill":
-        inputs.update(teacher=teacher.name if teacher else "", soft_labels_sha256=soft_sha or "")
     manifest = write_manifest(
         out_dir, stage="train", fingerprint_value=fp, seeds={"seed": seed},
-        config={**cfg.model_dump(mode="json", exclude={"seeds"}), "seed": seed, "base_model": base_ref},
+        config={**cfg.model_dump(mode="json", exclude={"seeds"}), "seed": seed,
+                "base_model": inputs["base_model"]},
         inputs=inputs,
         outputs={**outputs, "rows": len(run.encoded), "steps": state["step"], "tokens": state["tokens"]},
         timings={"train_s": round(state["elapsed"], 2), "wall_s_this_call": round(time.time() - t_start, 2),
