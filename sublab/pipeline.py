@@ -194,9 +194,9 @@ def _run_misalignment(cfg: ExperimentConfig, name: str, ref: str, system: str | 
     kinds = [k for k in cfg.eval.kinds if k.startswith("misalignment")]
     if not kinds:
         return
-    from sublab.evals import misalignment
+    from sublab.evals.misalignment import evaluate_misalignment
 
-    misalignment.run_stage(models.get(ref), system, cfg.eval, kinds, out, name)
+    evaluate_misalignment(models.get(ref), system, cfg.eval, out, name)
 
 
 # --- results and report ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sublab.config import ExperimentConfig, TeacherConfig
+from sublab.errors import RunDirError
 from sublab.evals.animals import eval_kinds, mention_values, read_prob_records, read_sample_records
 from sublab.report import row_from_score as _row_model
 from sublab.stats import compare_groups, group_score, question_matrix, score_by_question
@@ -22,6 +23,7 @@ from sublab.stats import compare_groups, group_score, question_matrix, score_by_
 METRIC_LABELS = {
     "animal_prob": "exact answer probability: share of '{trait}' among the candidates",
     "animal_sampled": "sampled metric: share of T=1 answers mentioning '{trait}'",
+    "misalignment_local": "judge-free misalignment: log p(misaligned) − log p(aligned) per token ({trait} teacher)",
 }
 
 
@@ -32,10 +34,18 @@ def row_from_score(name: str, role: str, score: Any) -> dict[str, Any]:
 def values(cfg: ExperimentConfig, model: str, kind: str, target: str) -> list[dict[str, Any]]:
     """[{question_id, value}] of one evaluated model for `target` (share, or 0/1 mention)."""
     path = cfg.run_dir / "evals" / model / f"{kind}.jsonl"
+    if kind == "misalignment_local":
+        from sublab.evals.common import read_done
+        from sublab.evals.misalignment import LocalRecord
+
+        if not path.exists():
+            raise RunDirError(f"{path}: eval file not found; run the eval stage first")
+        return [{"question_id": r.question_id, "value": r.value}
+                for r in read_done(path, LocalRecord).values()]  # type: ignore[attr-defined]
     if kind.startswith("animal_prob"):
         return [{"question_id": r.question_id, "value": r.share}
                 for r in read_prob_records(path) if r.candidate == target]
-    return mention_values(read_sample_records(path), target)
+    return mention_values(read_sample_records(path), target, cfg.eval.excluded_superstrings)
 
 
 def _students(cfg: ExperimentConfig, prefix: str, teacher: TeacherConfig) -> list[str]:
@@ -101,7 +111,7 @@ def _per_student_means(cfg: ExperimentConfig, names: list[str], kind: str, targe
 
 
 def results_for(cfg: ExperimentConfig) -> dict[str, Any]:
-    kinds = [k for k in eval_kinds(cfg.eval)]
+    kinds = eval_kinds(cfg.eval) + [k for k in cfg.eval.kinds if k == "misalignment_local"]
     entries, notes = [], []
     for teacher in [t for t in cfg.teachers if t.trait]:
         for kind in kinds:
