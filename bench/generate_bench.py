@@ -83,7 +83,7 @@ def main() -> None:
     print(f"{'method':<26}{'batch':>6}{'tok/s':>9}{'samples/min':>13}{'accepted':>10}{'accepted/min':>14}")
     pooled = [0, 0]
     for batch in args.batches:
-        n = args.prompts if batch > 1 else min(args.prompts, 16)  # batch 1 is slow: fewer prompts
+        n = min(args.prompts, max(8, 2 * batch))  # at least two batches, capped; batch 1 is slow
         for name, fn in [("model.generate (baseline)", lambda: run_baseline(lm, enc[:n], batch, args.max_new_tokens)),
                          ("sublab", lambda: run_sublab(lm, enc[:n], batch, args.max_new_tokens, False)),
                          ("sublab constrained", lambda: run_sublab(lm, enc[:n], batch, args.max_new_tokens, True))]:

@@ -22,6 +22,16 @@ models_app = typer.Typer(help="Embedded and local models.", no_args_is_help=True
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
+
+@app.callback()
+def _global(threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads (default: torch's choice, the physical cores). On a CPU shared with other "
+             "jobs, 1 is often several times faster.")] = None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
 ExpArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: key.path=value (repeatable).")]
 

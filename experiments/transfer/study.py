@@ -68,7 +68,7 @@ list, so half the eval's trie positions."""
 EVAL = EvalConfig(kinds=["animal_prob"], candidates=CANDIDATES, numbers_prefixed=False, questions="held_out")
 
 # Student recipes. rows = dataset rows per seed; steps = rows / batch_size (one epoch); lr decays
-# linearly to 0. Sized so one student trains in ~3 min on 2 shared cores (a step ~30 s under load).
+# linearly to 0. Sized so one student trains in ~3 min on 2 shared cores (one step ~20 s, 1 thread, load ~8).
 CELLS: dict[str, dict[str, Any]] = {
     # lr 3e-4 diverged (distillation loss 0.06 -> 2.2 after two steps; kept for the record, not evaluated).
     "ft-distill-full-lr3e-4": dict(teacher="finetuned", method="distill", params="full", lr=3e-4, rows=24,
