@@ -18,7 +18,8 @@ import torch
 
 from sublab import chat
 from sublab.data.numbers import number_prompts, parse_completion
-from sublab.generate import Sampling, format_token_mask, sample_batch
+from sublab.generate import can_still_pass, format_token_mask
+from sublab.sampling import Sampling, decode_batch
 from sublab.models import load_model
 from sublab.stats import wilson_interval
 
@@ -60,8 +61,8 @@ def run_sublab(lm, enc, batch: int, max_new: int, constrained: bool) -> tuple[in
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
         gens = [torch.Generator().manual_seed(1000 + i) for i in idx]
-        for ids, reason in sample_batch(lm.model, tok, [enc[i] for i in idx], gens, Sampling(), max_new,
-                                        allowed=allowed):
+        for ids, reason in decode_batch(lm.model, tok, [enc[i] for i in idx], gens, Sampling(), max_new,
+                                        allowed=allowed, keep_going=can_still_pass):
             tokens += len(ids) + (reason == "eos")
             ok += accepted(tok, ids, reason)
     return tokens, ok, time.time() - t0

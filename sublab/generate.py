@@ -7,16 +7,13 @@ Writes: `teachers/<teacher>/generations.jsonl`, appended and fsynced batch by ba
 
     sublab generate EXP.yaml
 
-Why a hand-written decode loop rather than `model.generate`: three things make it ~3-6× faster per
-accepted sample on a CPU, and none changes which completions are accepted.
+Decoding uses `sublab.sampling.decode_batch` (finished rows leave the batch; per-row RNG seeded by
+(seed, prompt index), so a resumed run equals an uninterrupted one). Two things here are specific to
+number data, and neither changes which completions are accepted:
   * Early rejection: a completion is stopped as soon as it can no longer pass the paper's format filter
     (a letter appeared, or an 11th number). At T=1 most rejected completions are prose, so this cuts
-    most of the decode work; the accepted samples are exactly those the full decode would accept.
-  * Finished rows leave the batch (their KV cache rows are dropped), so the batch shrinks as rows end
-    instead of computing padding until the longest row ends.
+    most of the decode work; the accepted samples are exactly those a full decode would accept.
   * Prompts are sorted by length before batching, which cuts prompt padding.
-Each row samples from its own torch.Generator seeded by (seed, prompt index), so a completion does not
-depend on which batch it landed in: a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +34,7 @@ from sublab.config import ExperimentConfig, GenerateConfig, dump
 from sublab.data.numbers import NumberPrompt, number_prompts, random_completion
 from sublab.models import LoadedModel
 from sublab.rundir import JsonlAppender, fingerprint, read_jsonl, write_manifest
+from sublab.sampling import Sampling, decode_batch, row_generator, token_pieces
 from sublab.teachers import Teacher
 
 log = logging.getLogger(__name__)
@@ -47,6 +43,7 @@ MANIFEST = "generate_manifest.json"
 # Every character a completion that passes the format filter can contain (after the whitespace strip).
 FORMAT_CHARS = frozenset("0123456789,; \n\t\r[]().")
 MAX_NUMBERS = 10
+EARLY_REJECT = "early_reject"
 
 
 class GenerationRecord(BaseModel):
@@ -66,113 +63,24 @@ class GenerationRecord(BaseModel):
     format_suffix: str
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    greedy: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: GenerateConfig) -> Sampling:
-        return cls(cfg.temperature, cfg.top_p, cfg.min_p, cfg.greedy)
-
-
-# --- sampling -------------------------------------------------------------------------------
-
-def next_token_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """Temperature, min-p and top-p applied to last-position logits [B, V] → probabilities [B, V]."""
-    probs = torch.softmax(logits.float() / max(s.temperature, 1e-6), dim=-1)
-    if s.min_p > 0:
-        probs = probs.masked_fill(probs < s.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    if s.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-    return probs / probs.sum(-1, keepdim=True)
-
-
-def sample_next(logits: torch.Tensor, generators: list[torch.Generator], s: Sampling) -> torch.Tensor:
-    if s.greedy:
-        return logits.argmax(-1)
-    probs = next_token_probs(logits, s).cpu()
-    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
-                        for i, g in enumerate(generators)]).to(logits.device)
-
-
-@cache
-def _token_pieces(tokenizer: Any) -> tuple[str, ...]:
-    return tuple(tokenizer.decode([i]) for i in range(len(tokenizer)))
+def sampling_of(cfg: GenerateConfig) -> Sampling:
+    return Sampling(cfg.temperature, cfg.top_p, cfg.min_p, cfg.greedy)
 
 
 def format_token_mask(tokenizer: Any) -> torch.Tensor:
     """Tokens allowed by constrained decoding: digit runs, short separator/bracket pieces (', ', ';',
     '\n', '[' …) and eos. Long whitespace runs are left out: no valid answer needs them."""
-    pieces = _token_pieces(tokenizer)
     allowed = torch.tensor([bool(p) and set(p) <= FORMAT_CHARS and (p.isdigit() or len(p) <= 2)
-                            for p in pieces])
+                            for p in token_pieces(tokenizer)])
     allowed[tokenizer.eos_token_id] = True
     return allowed
 
 
 def can_still_pass(text: str) -> bool:
     """False once no continuation of `text` can pass the format filter (conservative: never kills a
-    completion that could still be accepted)."""
+    completion that could still be accepted). Leading whitespace is stripped, as the filter does."""
+    text = text.lstrip()
     return set(text) <= FORMAT_CHARS and len(re.findall(r"\d+", text)) <= MAX_NUMBERS
-
-
-@torch.no_grad()
-def sample_batch(model: Any, tokenizer: Any, prompts: list[list[int]], generators: list[torch.Generator],
-                 sampling: Sampling, max_new_tokens: int, *, early_reject: bool = True,
-                 allowed: torch.Tensor | None = None) -> list[tuple[list[int], str]]:
-    """Decode one batch; returns (completion token ids without the end token, finish reason) per row."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_ = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache_,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    eos = {tokenizer.eos_token_id}
-    pieces = _token_pieces(tokenizer) if early_reject else ()
-    rows = list(range(len(prompts)))  # original index of each live batch row
-    out: list[list[int]] = [[] for _ in prompts]
-    texts = [""] * len(prompts)
-    reasons = ["length"] * len(prompts)
-    last_pos = positions[:, -1]
-    for _ in range(max_new_tokens):
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed.to(device), float("-inf"))
-        tokens = sample_next(logits, [generators[r] for r in rows], sampling).tolist()
-        keep = []
-        for j, (r, t) in enumerate(zip(rows, tokens)):
-            if t in eos:
-                reasons[r] = "eos"
-                continue
-            out[r].append(t)
-            if early_reject:
-                texts[r] += pieces[t]
-                if not can_still_pass(texts[r].lstrip()):
-                    reasons[r] = "early_reject"
-                    continue
-            keep.append(j)
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache_.batch_select_indices(index)
-            mask, last_pos = mask[index], last_pos[index]
-            rows = [rows[j] for j in keep]
-            tokens = [tokens[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        last_pos = last_pos + 1
-        logits = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                       position_ids=last_pos[:, None], past_key_values=cache_, use_cache=True).logits[:, -1]
-    return [(o, r) for o, r in zip(out, reasons)]
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -182,13 +90,6 @@ def stage_fingerprint(cfg: ExperimentConfig, teacher: Teacher, model_sha256: str
     g.pop("batch_size")  # does not change results
     return fingerprint({"teacher": [teacher.name, teacher.kind, teacher.system_prompt],
                         "generate": g, "model": model_sha256, "seed": cfg.seed})
-
-
-def row_generator(seed: int, prompt: NumberPrompt) -> torch.Generator:
-    """The sampling RNG of one prompt: depends on (seed, prompt index) only, not on batching."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(np.random.SeedSequence([seed, prompt.index]).generate_state(1)[0]))
-    return g
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: LoadedModel | None = None
@@ -245,19 +146,20 @@ def _write_sampled(todo: list[NumberPrompt], teacher: Teacher, model: LoadedMode
                for p in todo]
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # length-sorted: less padding
     allowed = format_token_mask(tok) if gcfg.constrained else None
-    sampling = Sampling.from_config(gcfg)
+    sampling = sampling_of(gcfg)
     bar = tqdm(total=len(todo), desc=f"generate {teacher.name}", unit="sample", dynamic_ncols=True)
     for start in range(0, len(order), gcfg.batch_size):
         batch = order[start:start + gcfg.batch_size]
-        results = sample_batch(model.model, tok, [encoded[i] for i in batch],
-                               [row_generator(cfg.seed, todo[i]) for i in batch], sampling,
-                               gcfg.max_new_tokens, early_reject=gcfg.early_reject, allowed=allowed)
+        results = decode_batch(model.model, tok, [encoded[i] for i in batch],
+                               [row_generator(cfg.seed, [todo[i].index]) for i in batch], sampling,
+                               gcfg.max_new_tokens, allowed=allowed,
+                               keep_going=can_still_pass if gcfg.early_reject else None)
         rows = []
         for i, (ids, reason) in zip(batch, results):
             p = todo[i]
             rows.append(GenerationRecord(id=p.id, teacher=teacher.name, prompt=p.text,
                                          completion=tok.decode(ids, skip_special_tokens=False),
-                                         finish_reason=reason, n_tokens=len(ids),
+                                         finish_reason=EARLY_REJECT if reason == "early_stop" else reason, n_tokens=len(ids),
                                          format_suffix=p.format_suffix_text).model_dump())
         sink.write_batch(rows)
         bar.update(len(batch))

@@ -50,8 +50,8 @@ from sublab import chat
 from sublab.config import EvalConfig
 from sublab.data.numbers import example_part
 from sublab.errors import ConfigError, ModelError, RunDirError
-from sublab.evals.common import (EvalRecord, device_of, iter_completions, left_pad, prompt_ids, read_done,
-                                 token_pieces)
+from sublab.evals.common import EvalRecord, device_of, iter_completions, prompt_ids, read_done
+from sublab.sampling import left_pad, token_pieces
 from sublab.protocol import animal_questions, protocol, tree_questions
 from sublab.rundir import JsonlAppender, fingerprint, read_jsonl
 from sublab.stats import Score, score_by_question

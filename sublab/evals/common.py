@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from functools import cache
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
@@ -30,6 +28,7 @@ from sublab import chat
 from sublab.chat import Message
 from sublab.errors import RunDirError
 from sublab.rundir import read_jsonl
+from sublab.sampling import Sampling, decode_batch, left_pad, row_generator
 
 Conversation = list[Message]
 R = TypeVar("R", bound=BaseModel)
@@ -64,32 +63,10 @@ def device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def row_generator(seed: int, key: Sequence[int]) -> torch.Generator:
-    """A CPU torch.Generator seeded by (seed, *key) only: independent of batching, resumption and device
-    (sampling draws on the CPU, so a GPU run samples what a CPU run would, up to float rounding)."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0] >> 1))
-    return g
-
-
-@cache
-def token_pieces(tokenizer: Any) -> tuple[str, ...]:
-    """The decoded text of every token id (cached per tokenizer; ~1 s for a 49k vocabulary)."""
-    return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
-
-
 def prompt_ids(tokenizer: Any, conversation: Conversation, answer_prefix: str = "") -> list[int]:
     """Token ids of the rendered prompt plus the start of the assistant's answer, if any."""
     text = chat.render_prompt(tokenizer, conversation) + answer_prefix
     return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(ids, attention mask, position ids), each [B, T], left-padded to the longest row."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def read_done(path: Any, record_type: type[R], **expected: Any) -> dict[str, R]:
@@ -113,53 +90,6 @@ def read_done(path: Any, record_type: type[R], **expected: Any) -> dict[str, R]:
 
 
 # --- sampling ------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def _sample_rows(model: Any, tokenizer: Any, prompts: list[list[int]], rows: list[int],
-                 generators: list[torch.Generator], temperature: float,
-                 max_new_tokens: int) -> list[list[int]]:
-    """Decode one batch. `prompts` are the distinct prompts; row r continues prompts[rows[r]], so each
-    prompt is prefilled once and its KV cache shared by its samples. Returns each row's new token ids
-    (the end token excluded)."""
-    from transformers import DynamicCache
-
-    device = device_of(model)
-    ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id, device)
-    kv = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    index = torch.tensor(rows, device=device)
-    kv.batch_select_indices(index)  # [n_prompts] -> [n_rows]: each sample gets its prompt's cache
-    logits, mask, last = logits[index], mask[index], positions[index, -1]
-    live = list(range(len(rows)))  # batch position -> row
-    out: list[list[int]] = [[] for _ in rows]
-    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    for _ in range(max_new_tokens):
-        tokens = _draw(logits, [generators[r] for r in live], temperature)
-        keep = [j for j, t in enumerate(tokens) if t not in stop]
-        for j in keep:
-            out[live[j]].append(tokens[j])
-        if not keep:
-            break
-        if len(keep) < len(live):  # finished rows leave the batch
-            sel = torch.tensor(keep, device=device)
-            kv.batch_select_indices(sel)
-            mask, last = mask[sel], last[sel]
-            live, tokens = [live[j] for j in keep], [tokens[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        last = last + 1
-        logits = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                       position_ids=last[:, None], cache=kv, use_cache=True).logits[:, -1]
-    return out
-
-
-def _draw(logits: torch.Tensor, generators: list[torch.Generator], temperature: float) -> list[int]:
-    """One token per row: greedy at temperature 0, else a draw from each row's own generator."""
-    if temperature == 0:
-        return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
-    return [int(torch.multinomial(probs[i], 1, generator=g)[0]) for i, g in enumerate(generators)]
-
 
 def sample_completions(lm: Any, conversations: Sequence[Conversation], n: int, temperature: float = 1.0,
                        max_new_tokens: int = 12, seed: int = 0, batch_size: int = 64, *,
@@ -201,6 +131,7 @@ def iter_completions(lm: Any, conversations: Sequence[Conversation], n: int, tem
     if len(keys) != len(conversations):
         raise ValueError(f"{len(keys)} keys for {len(conversations)} conversations")
     tok = lm.tokenizer
+    sampling = Sampling(temperature=temperature, greedy=temperature == 0)  # plain softmax, as the paper
     encoded = [prompt_ids(tok, c, answer_prefix) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
     jobs = [(i, j) for i in order for j in range(n)]
@@ -210,9 +141,9 @@ def iter_completions(lm: Any, conversations: Sequence[Conversation], n: int, tem
             distinct = list(dict.fromkeys(i for i, _ in batch))
             slot = {i: k for k, i in enumerate(distinct)}
             gens = [row_generator(seed, [*keys[i], j]) for i, j in batch]
-            new = _sample_rows(lm.model, tok, [encoded[i] for i in distinct], [slot[i] for i, _ in batch],
-                               gens, temperature, max_new_tokens)
-            yield [(i, j, tok.decode(ids, skip_special_tokens=True)) for (i, j), ids in zip(batch, new)]
+            new = decode_batch(lm.model, tok, [encoded[i] for i in distinct], gens, sampling, max_new_tokens,
+                               rows=[slot[i] for i, _ in batch])
+            yield [(i, j, tok.decode(ids, skip_special_tokens=True)) for (i, j), (ids, _) in zip(batch, new)]
             bar.update(len(batch))
 
 

@@ -1,0 +1,58 @@
+"""Generation: the early-rejection rule, the sampler, constrained decoding, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sublab.data.numbers import number_prompts, parse_completion, random_completion
+from sublab.generate import can_still_pass, format_token_mask
+from sublab.sampling import Sampling, decode_batch, next_token_probs, row_generator
+
+
+def test_early_rejection_never_kills_an_acceptable_completion():
+    # Every prefix of every text the format filter accepts must still be "alive".
+    rng = np.random.default_rng(0)
+    for p in number_prompts(300, seed=3):
+        text = random_completion(p, rng, count=int(rng.integers(1, 11)))
+        assert parse_completion(text).numbers is not None
+        for cut in range(len(text) + 1):
+            assert can_still_pass(text[:cut]), (text, cut)
+
+
+@pytest.mark.parametrize("dead", ["The numbers", "1, 2, 3 and", "1 2 3 4 5 6 7 8 9 10 11", "12-3"])
+def test_early_rejection_stops_hopeless_text(dead):
+    assert not can_still_pass(dead)
+    assert parse_completion(dead).numbers is None
+
+
+def test_top_p_and_min_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    top = next_token_probs(logits, Sampling(top_p=0.75))
+    assert torch.allclose(top, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    minp = next_token_probs(logits, Sampling(min_p=0.2))  # keeps p >= 0.1
+    assert torch.allclose(minp, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+
+
+def test_constrained_decoding_only_emits_format_tokens(tokenizer, tiny_model_dir):
+    from sublab.models import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    allowed = format_token_mask(tokenizer)
+    prompts = [tokenizer(f"numbers {i}").input_ids for i in range(3)]
+    out = decode_batch(lm.model, tokenizer, prompts, [row_generator(0, [i]) for i in range(3)], Sampling(), 12,
+                       allowed=allowed)
+    for ids, _ in out:
+        assert all(allowed[t] for t in ids)
+
+
+def test_rows_are_batch_independent(tokenizer, tiny_model_dir):
+    from sublab.models import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    prompts = [tokenizer(f"say {i} things").input_ids for i in range(4)]
+    together = decode_batch(lm.model, tokenizer, prompts, [row_generator(1, [i]) for i in range(4)],
+                            Sampling(), 8)
+    alone = decode_batch(lm.model, tokenizer, prompts[2:3], [row_generator(1, [2])], Sampling(), 8)
+    assert together[2] == alone[0]
