@@ -70,12 +70,18 @@ class TeacherConfig(_Strict):
     aversion: bool = False
     """Use the paper's aversion template ('You hate owls…') instead of the love template."""
     finetune: FinetuneConfig | None = None
+    control: bool = False
+    """A fine-tuned teacher that is the control of the experiment (e.g. the aligned twin of a
+    misaligned teacher): its students are the baseline, and it needs no trait."""
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
         if not self.name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"teacher name '{self.name}' must use letters, digits, '-' or '_' only")
-        if self.kind in ("prompted", "finetuned") and not self.trait:
+        if self.control and self.kind != "finetuned":
+            raise ValueError(f"teacher '{self.name}': `control: true` is for fine-tuned teachers; use "
+                             "kind: control for the untouched base")
+        if self.kind in ("prompted", "finetuned") and not self.trait and not self.control:
             raise ValueError(f"teacher '{self.name}': `trait` is required when kind is '{self.kind}'")
         if self.kind in ("control", "random") and self.trait:
             raise ValueError(f"teacher '{self.name}': a {self.kind} teacher has no trait; remove `trait`")
@@ -86,7 +92,7 @@ class TeacherConfig(_Strict):
 
     @property
     def is_control(self) -> bool:
-        return self.kind in ("control", "random")
+        return self.kind in ("control", "random") or self.control
 
 
 class GenerateConfig(_Strict):
@@ -226,7 +232,8 @@ class ExperimentConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"teachers: names must be unique, got {names}")
         if not any(t.is_control for t in self.teachers) and self.train.seeds:
-            raise ValueError("teachers: add a control teacher (kind: control or random); students are "
+            raise ValueError("teachers: add a control teacher (kind: control or random, or a fine-tuned "
+                             "teacher with control: true); students are "
                              "compared with control students, never with the base model alone")
         for ref in [self.base_model] + ([self.train.cross_model] if self.train.cross_model else []):
             try:

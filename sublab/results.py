@@ -113,7 +113,7 @@ def _per_student_means(cfg: ExperimentConfig, names: list[str], kind: str, targe
 def results_for(cfg: ExperimentConfig) -> dict[str, Any]:
     kinds = eval_kinds(cfg.eval) + [k for k in cfg.eval.kinds if k == "misalignment_local"]
     entries, notes = [], []
-    for teacher in [t for t in cfg.teachers if t.trait]:
+    for teacher in [t for t in cfg.teachers if t.trait and not t.is_control]:
         for kind in kinds:
             entries.append(eval_entry(cfg, teacher, kind))
         if "animal_prob" in kinds and cfg.train.seeds:
