@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -246,7 +247,7 @@ def bar_figure(table: Sequence[Mapping[str, Any]], ylabel: str = "score") -> Fig
                 ax.scatter([x] * len(row["per_model"]), row["per_model"], s=12, color="black",
                            edgecolors="white", linewidths=0.5, zorder=3)
     ax.set_xticks(range(len(traits)), traits)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(textwrap.fill(ylabel, 45))  # long metric labels wrap instead of overflowing
     # Legend below the axes: inside, it can hide a bar of its own colour.
     ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12),
               ncol=min(4, len(series)))
