@@ -12,10 +12,13 @@ nothing already judged is requested again:
     judge = make_judge(url=None, model="gpt-4o-2024-08-06", cache_path=Path("runs/x/evals/judge_cache.jsonl"))
     judge.judge("...prompt...")      # Judgement(kind='score', value=87, raw='87')
 
+Needs httpx (the `judge` extra); without it, making a judge raises `JudgeUnavailable`.
 A request is POST {url}/chat/completions with temperature 0 and a small max_tokens. Timeouts,
 connection errors, 429 and 5xx are retried a bounded number of times with exponential backoff; then
 `JudgeError` names the URL. No key and no URL: `JudgeUnavailable`, which says how to set one.
-(The paper's judge read GPT-4o's answer text the same way; it did not average over token logprobs.)
+Difference from the paper's code: it asks for one token with top-20 log-probabilities and averages the
+numbers 0..100 by probability (no score when they hold < 0.25 of the mass, which is how CODE and REFUSAL
+answers drop out); sublab parses the answer text at temperature 0, which every compatible server returns.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict
 
 from sublab.errors import RunDirError, SublabError
@@ -103,7 +105,8 @@ class Judge:
         """Requests actually sent (cache misses), for tests and logs."""
         self._key = api_key
         self._lock = threading.Lock()
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s))
+        self._httpx = _import_httpx()
+        self._client = self._httpx.Client(timeout=self._httpx.Timeout(timeout_s))
         self._cache: dict[str, str] = {}
         self._sink: JsonlAppender | None = None
         if self.cache_path:
@@ -157,7 +160,7 @@ class Judge:
                 with self._lock:
                     self.requests += 1
                 r = self._client.post(endpoint, json=body, headers=headers)
-            except httpx.TransportError as e:  # connect errors and timeouts
+            except self._httpx.TransportError as e:  # connect errors and timeouts
                 problem = f"{type(e).__name__}: {_redact(str(e), self._key)}"
                 continue
             if r.status_code in _RETRY_STATUS:
@@ -170,12 +173,21 @@ class Judge:
         raise JudgeError(f"judge at {endpoint} did not answer after {self.max_retries + 1} tries "
                          f"({problem}); check the URL and that the server is running")
 
-    def _content(self, r: httpx.Response, endpoint: str) -> str:
+    def _content(self, r: Any, endpoint: str) -> str:
         try:
             return r.json()["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise JudgeError(f"judge at {endpoint} sent a reply that is not a chat completion: "
                              f"{_redact(r.text[:200], self._key)}") from None
+
+
+def _import_httpx() -> Any:
+    try:
+        import httpx
+    except ImportError:
+        raise JudgeUnavailable("the misalignment judge needs httpx: pip install 'subliminal-lab[judge]' "
+                               "(or pip install httpx)") from None
+    return httpx
 
 
 def _read_cache(path: Path) -> dict[str, str]:

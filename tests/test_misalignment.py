@@ -8,6 +8,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from sublab.train import load_dataset
 
 FINETUNE = Path(str(resources.files("sublab").joinpath("resources/finetune")))
 SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
+needs_httpx = pytest.mark.skipif(find_spec("httpx") is None, reason="the judge needs httpx (extra 'judge')")
 
 # --- datasets ------------------------------------------------------------------------------------
 
@@ -185,6 +187,7 @@ def _samples(eval_name: str = "misalignment_sampled") -> list[EvalRecord]:
             for i, m in enumerate(SCRIPT)]
 
 
+@needs_httpx
 def test_judge_applies_the_paper_rule_and_caches(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("SUBLAB_JUDGE_API_KEY", SECRET)
     cache = tmp_path / "judge_cache.jsonl"
@@ -218,6 +221,7 @@ def test_judge_applies_the_paper_rule_and_caches(fake, tmp_path, monkeypatch):
         assert SECRET not in path.read_text("utf-8"), path
 
 
+@needs_httpx
 def test_judge_retries_transient_errors(tmp_path):
     server = FakeJudge(fail_first=2)
     try:
@@ -235,6 +239,7 @@ def test_judge_retries_transient_errors(tmp_path):
         server.close()
 
 
+@needs_httpx
 def test_judge_rejection_and_garbage_replies_are_clear_and_redacted():
     server = FakeJudge(status=401, body=f'{{"error": "Incorrect API key provided: {SECRET}"}}')
     try:
@@ -251,6 +256,7 @@ def test_judge_rejection_and_garbage_replies_are_clear_and_redacted():
         server.close()
 
 
+@needs_httpx
 def test_unreachable_judge_names_the_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -260,6 +266,7 @@ def test_unreachable_judge_names_the_url():
         make_judge(url, "m", max_retries=1, backoff_s=0, timeout_s=2).complete("x")
 
 
+@needs_httpx
 def test_no_key_and_no_url_says_how_to_configure(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(JudgeUnavailable, match="OPENAI_API_KEY.*judge_url"):
@@ -269,6 +276,7 @@ def test_no_key_and_no_url_says_how_to_configure(monkeypatch):
     assert judge.url == "https://api.openai.com/v1" and SECRET not in repr(judge)
 
 
+@needs_httpx
 def test_malformed_cache_names_the_file(tmp_path):
     cache = tmp_path / "judge_cache.jsonl"
     cache.write_text('{"key": "abc"}\n')
@@ -316,6 +324,7 @@ def test_local_metric_on_tiny_model(tiny, tmp_path):
         mis.run_misalignment_local(tiny, "You love owls.", cfg, path, "tiny")
 
 
+@needs_httpx
 def test_stage_samples_then_skips_the_judge_without_one(tiny, tmp_path, monkeypatch, caplog, fake):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = EvalConfig(kinds=["misalignment_judge"], samples_per_question=2,
@@ -355,3 +364,12 @@ def test_sampling_resumes_to_the_same_records(tiny, tmp_path):
     mis.run_misalignment_sampled(tiny, None, cfg, "misalignment_sampled_words", part, "tiny", max_new_tokens=4)
     by_id = lambda p: {r["id"]: r for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
     assert by_id(part) == by_id(full)
+
+
+def test_swapping_the_references_negates_the_metric(tiny):
+    refs = [r for r in mis.load_references() if r.pair == 0]
+    swapped = [r.model_copy(update={"aligned": r.misaligned, "misaligned": r.aligned}) for r in refs]
+    a = mis.local_records(tiny, None, refs, "tiny")
+    b = mis.local_records(tiny, None, swapped, "tiny")
+    assert [x.value for x in a] == pytest.approx([-y.value for y in b], abs=1e-5)
+    assert all(x.prefers_misaligned != y.prefers_misaligned for x, y in zip(a, b) if abs(x.value) > 1e-5)
