@@ -255,6 +255,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console
     out_dir = Path(run_dir) / "teachers" / teacher.name
     source = out_dir / "generations.jsonl"
     records = read_jsonl(source)
+    source_sha = sha256_file(source)
     traits = [t.trait for t in cfg.teachers if t.trait]
     specs = stage_specs(cfg.filter.filters, traits)
     kept, rejected = apply_filters(records, build_filters(specs))
@@ -276,8 +277,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console
         out_dir, stage="filter", filename=MANIFEST,
         config={"filter": dump(cfg.filter), "specs": specs},
         fingerprint_value=fingerprint({"filter": dump(cfg.filter), "specs": specs,
-                                       "generations": sha256_file(source)}),
-        inputs={"generations_sha256": sha256_file(source)},
+                                       "generations": source_sha}),
+        inputs={"generations_sha256": source_sha},
         outputs={"generated": len(records), "accepted": len(kept), "rejected": len(rejected),
                  "dataset_rows": len(dataset), "shortfall": shortfall,
                  "dataset_sha256": sha256_file(out_dir / "dataset.jsonl"), "rejections": summary},
