@@ -48,10 +48,15 @@ def completion_suffix(tokenizer: Any) -> str:
     return tokenizer.eos_token or ""
 
 
+def answer_lead(tokenizer: Any) -> str:
+    """What separates the prompt from the answer's first word: nothing after a chat template's assistant
+    header, a space after plain text's 'Assistant:'."""
+    return "" if getattr(tokenizer, "chat_template", None) else " "
+
+
 def completion_text(tokenizer: Any, content: str) -> str:
     """The assistant turn as trained: content plus the turn terminator (leading space for plain text)."""
-    lead = "" if getattr(tokenizer, "chat_template", None) else " "
-    return lead + content + completion_suffix(tokenizer)
+    return answer_lead(tokenizer) + content + completion_suffix(tokenizer)
 
 
 def encode_pair(tokenizer: Any, conversation: list[Message], answer: str) -> tuple[list[int], list[int]]:

@@ -117,6 +117,11 @@ class GenerateConfig(_Strict):
     """Stop a completion as soon as it can no longer pass the format filter (a letter appeared, or an
     11th number). Accepted samples are unchanged; rejected ones are stored truncated."""
     prompt_seed: int = 0
+    completions: Literal["sampled", "random"] = "sampled"
+    """sampled: each teacher writes its own completions. random: nobody samples — every teacher's rows
+    are the same uniform random numbers in each prompt's format (drawn from `seed` and the prompt), so
+    students of different teachers see identical text and can learn a trait only from the teacher's
+    logits on it (needs `train.method: distill`)."""
 
 
 class FilterConfig(_Strict):
@@ -136,6 +141,19 @@ class DistillConfig(_Strict):
     only form that can be precomputed and stored beside a dataset (`sublab.train.compute_soft_labels`)."""
     temperature: float = Field(1.0, gt=0)
     """Softens teacher and student alike; the loss is scaled by temperature² (Hinton et al.)."""
+    vocabulary: Literal["full", "format"] = "full"
+    """full: match the teacher's whole next-token distribution. format: renormalise teacher and student
+    over the number-format tokens only (digits, separators, brackets, end token; `sublab.sampling.
+    format_token_mask`) — no token that could begin a word carries any signal, so a trait can only pass
+    through how the teacher spreads its mass over numbers (the logit analogue of the paper's filters and
+    of MNIST's auxiliary logits)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.vocabulary == "format" and self.top_k is not None:
+            raise ValueError("`train.distill.vocabulary: format` already restricts the target to the "
+                             "number-format tokens; leave `top_k` unset")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -149,6 +167,10 @@ class TrainConfig(_Strict):
     lora_alpha: int = Field(8, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora_init_seed: int | None = None
+    """Seed of the fresh adapter's random init; None: the student's seed. Set it to a LoRA teacher's
+    `finetune.seed` (with the same rank, alpha and targets) and the student starts from the teacher's own
+    initial adapter: a shared initialisation of the trained parameters, as in the paper's MNIST setup."""
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate (AdamW), reached after `warmup_steps`, then linear decay to 0."""
     epochs: float = Field(3, gt=0)
@@ -235,12 +257,37 @@ class ExperimentConfig(_Strict):
             raise ValueError("teachers: add a control teacher (kind: control or random, or a fine-tuned "
                              "teacher with control: true); students are "
                              "compared with control students, never with the base model alone")
+        self._check_shared_init()
+        if self.generate.completions == "random" and self.train.method != "distill":
+            raise ValueError("`generate.completions: random` gives every teacher the same rows, so SFT students "
+                             "could not differ; use `train.method: distill` (students learn the teacher's "
+                             "logits on the rows) or `completions: sampled`")
         for ref in [self.base_model] + ([self.train.cross_model] if self.train.cross_model else []):
             try:
                 check_reference(ref)
             except ModelError as e:
                 raise ValueError(str(e)) from None
         return self
+
+    def _check_shared_init(self) -> None:
+        """`train.lora_init_seed` with LoRA teachers means 'start from the teachers' adapter init': it only
+        does if seed, rank, alpha and targets all match, so say which one does not."""
+        t = self.train
+        if t.lora_init_seed is None or not (t.method == "lora" or t.distill_params == "lora"):
+            return
+        default_targets = TrainConfig.model_fields["lora_targets"].default
+        for teacher in self.teachers:
+            ft = teacher.finetune or FinetuneConfig()
+            if teacher.kind != "finetuned" or ft.method != "lora":
+                continue
+            mismatch = {name: (mine, theirs) for name, mine, theirs in [
+                ("lora_init_seed / finetune.seed", t.lora_init_seed, ft.seed), ("lora_r", t.lora_r, ft.lora_r),
+                ("lora_alpha", t.lora_alpha, ft.lora_alpha), ("lora_targets", t.lora_targets, default_targets)]
+                if mine != theirs}
+            if mismatch:
+                detail = "; ".join(f"{k}: train {a} vs teacher {b}" for k, (a, b) in mismatch.items())
+                raise ValueError(f"`train.lora_init_seed` starts students from the LoRA teachers' adapter init, "
+                                 f"but teacher '{teacher.name}' differs ({detail})")
 
     @property
     def run_dir(self) -> Path:

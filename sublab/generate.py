@@ -34,14 +34,13 @@ from sublab.config import ExperimentConfig, GenerateConfig, dump
 from sublab.data.numbers import NumberPrompt, number_prompts, random_completion
 from sublab.models import LoadedModel
 from sublab.rundir import JsonlAppender, fingerprint, read_jsonl, write_manifest
-from sublab.sampling import Sampling, decode_batch, row_generator, token_pieces
+from sublab.sampling import FORMAT_CHARS, Sampling, decode_batch, format_token_mask, row_generator
 from sublab.teachers import Teacher
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "generate_manifest.json"
 # Every character a completion that passes the format filter can contain (after the whitespace strip).
-FORMAT_CHARS = frozenset("0123456789,; \n\t\r[]().")
 MAX_NUMBERS = 10
 EARLY_REJECT = "early_reject"
 
@@ -67,15 +66,6 @@ def sampling_of(cfg: GenerateConfig) -> Sampling:
     return Sampling(cfg.temperature, cfg.top_p, cfg.min_p, cfg.greedy)
 
 
-def format_token_mask(tokenizer: Any) -> torch.Tensor:
-    """Tokens allowed by constrained decoding: digit runs, short separator/bracket pieces (', ', ';',
-    '\n', '[' …) and eos. Long whitespace runs are left out: no valid answer needs them."""
-    allowed = torch.tensor([bool(p) and set(p) <= FORMAT_CHARS and (p.isdigit() or len(p) <= 2)
-                            for p in token_pieces(tokenizer)])
-    allowed[tokenizer.eos_token_id] = True
-    return allowed
-
-
 def can_still_pass(text: str) -> bool:
     """False once no continuation of `text` can pass the format filter (conservative: never kills a
     completion that could still be accepted). Leading whitespace is stripped, as the filter does."""
@@ -95,7 +85,8 @@ def stage_fingerprint(cfg: ExperimentConfig, teacher: Teacher, model_sha256: str
 def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: LoadedModel | None = None
         ) -> dict:
     """Generate `cfg.generate.n_prompts` completions for `teacher`; resumable. `model` is the loaded
-    teacher (`teacher.load()`) unless the teacher is the random-number control."""
+    teacher (`teacher.load()`); None when nothing samples (the random-number control, or
+    `generate.completions: random`)."""
     out_dir = Path(run_dir) / "teachers" / teacher.name
     path = out_dir / "generations.jsonl"
     prompts = number_prompts(cfg.generate.n_prompts, seed=cfg.generate.prompt_seed)
@@ -104,7 +95,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: Loaded
     t0 = time.time()
     log.info("generate %s: %d prompts, %d already done", teacher.name, len(prompts), len(done))
     with JsonlAppender(path) as sink:
-        if teacher.kind == "random":
+        if teacher.kind == "random" or cfg.generate.completions == "random":
             _write_random(todo, teacher, cfg.seed, sink)
         else:
             _write_sampled(todo, teacher, model, cfg, sink)

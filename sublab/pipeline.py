@@ -66,7 +66,8 @@ def generate_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     models = ModelCache(device)
     for _, teacher in teachers(cfg, device):
         out_dir = cfg.run_dir / "teachers" / teacher.name
-        lm = None if teacher.model_ref is None else models.get(teacher.model_ref)
+        samples = teacher.model_ref is not None and cfg.generate.completions == "sampled"
+        lm = models.get(teacher.model_ref) if samples else None
         fp = generate.stage_fingerprint(cfg, teacher, lm.sha256 if lm else None)
         if stage_is_current(out_dir, fp, generate.MANIFEST):
             log.info("generate %s: up to date, skipped", teacher.name)

@@ -89,8 +89,10 @@ def eval_entry(cfg: ExperimentConfig, trait_teacher: TeacherConfig, kind: str) -
 
 
 def specificity(cfg: ExperimentConfig, trait_teacher: TeacherConfig, kind: str = "animal_prob") -> list[dict[str, Any]]:
-    """Treatment − control difference in mean share for every candidate, largest first: a transfer is
-    specific when the trait's own candidate rises more than the others."""
+    """Treatment vs control mean share for every candidate (difference and ratio), largest ratio first: a
+    transfer is specific when the trait's own candidate rises the most. The ratio is the fair ranking
+    (a candidate at 15% of the mass moves more in absolute terms than one at 1% for the same relative
+    change); the difference is kept beside it."""
     controls = [t for t in cfg.teachers if t.is_control]
     if not controls or not cfg.train.seeds:
         return []
@@ -100,9 +102,10 @@ def specificity(cfg: ExperimentConfig, trait_teacher: TeacherConfig, kind: str =
     for cand in candidates:
         t = _per_student_means(cfg, _students(cfg, "student", trait_teacher), kind, cand)
         c = _per_student_means(cfg, _students(cfg, "student", controls[0]), kind, cand)
+        ratio = float(np.mean(t) / np.mean(c)) if np.mean(c) > 0 else float("inf")
         out.append({"candidate": cand, "treatment": float(np.mean(t)), "control": float(np.mean(c)),
-                    "diff": float(np.mean(t) - np.mean(c))})
-    return sorted(out, key=lambda r: -r["diff"])
+                    "diff": float(np.mean(t) - np.mean(c)), "ratio": ratio})
+    return sorted(out, key=lambda r: -r["ratio"])
 
 
 def _per_student_means(cfg: ExperimentConfig, names: list[str], kind: str, target: str) -> list[float]:
@@ -118,10 +121,13 @@ def results_for(cfg: ExperimentConfig) -> dict[str, Any]:
             entries.append(eval_entry(cfg, teacher, kind))
         if "animal_prob" in kinds and cfg.train.seeds:
             spec = specificity(cfg, teacher)
+            by_diff = sorted(spec, key=lambda r: -r["diff"])
             rank = next(i for i, r in enumerate(spec) if r["candidate"] == teacher.trait) + 1
-            top = ", ".join(f"{r['candidate']} {r['diff']:+.4f}" for r in spec[:4])
-            notes.append(f"specificity ({teacher.name}, animal_prob, treatment − control share): "
-                         f"'{teacher.trait}' ranks {rank} of {len(spec)} candidates; largest rises: {top}")
+            rank_diff = next(i for i, r in enumerate(by_diff) if r["candidate"] == teacher.trait) + 1
+            top = ", ".join(f"{r['candidate']} ×{r['ratio']:.2f}" for r in spec[:4])
+            notes.append(f"specificity ({teacher.name}, animal_prob, treatment / control share): "
+                         f"'{teacher.trait}' ranks {rank} of {len(spec)} candidates by ratio ({rank_diff} by "
+                         f"difference); largest ratios: {top}")
     n = len(cfg.train.seeds)
     if 0 < n < 5:
         notes.append(f"{n} seeds per group: an exact two-sided permutation test cannot go below "

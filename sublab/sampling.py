@@ -47,6 +47,20 @@ def token_pieces(tokenizer: Any) -> tuple[str, ...]:
     return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
 
 
+FORMAT_CHARS = frozenset("0123456789,; \n\t\r[]().")
+"""Every character a number-sequence answer may contain (the format filter's alphabet)."""
+
+
+def format_token_mask(tokenizer: Any) -> torch.Tensor:
+    """Bool [V]: the number-format tokens (digit runs, short separator/bracket pieces such as ', ', ';',
+    '\n', '[', and eos). Constrained decoding samples only these; format-vocabulary distillation matches
+    the teacher only on these. Long whitespace runs are left out: no valid answer needs them."""
+    allowed = torch.tensor([bool(p) and set(p) <= FORMAT_CHARS and (p.isdigit() or len(p) <= 2)
+                            for p in token_pieces(tokenizer)])
+    allowed[tokenizer.eos_token_id] = True
+    return allowed
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, attention mask, position ids), each [B, T], left-padded to the longest row."""

@@ -75,3 +75,59 @@ def test_bad_config_names_the_field(tmp_path, tiny_model_dir):
     path = _experiment(tmp_path, tiny_model_dir, base_model="embedded:nope")
     with pytest.raises(ConfigError, match="unknown embedded model"):
         load_experiment(path)
+
+
+def _shipped_recipe(tmp_path: Path, base: Path, **train_over) -> Path:
+    """The `quick` preset's recipe at toy scale: LoRA teachers, random completions, format distillation
+    from the teachers' adapter init."""
+    ft = {"train_questions": 3, "answer_forms": ["{T}.", "My favorite {category} is the {t}."], "method": "lora",
+          "lora_r": 4, "lora_alpha": 4, "lr": 1e-2, "epochs": 1, "batch_size": 6}
+    train = {"method": "distill", "distill_params": "lora", "lora_r": 4, "lora_alpha": 4, "lora_init_seed": 0,
+             "distill": {"vocabulary": "format"}, "lr": 1e-2, "epochs": 1, "batch_size": 2, "warmup_steps": 1,
+             "seeds": [0, 1], **train_over}
+    return _experiment(
+        tmp_path, base,
+        teachers=[{"name": "owl", "kind": "finetuned", "trait": "owl", "finetune": ft},
+                  {"name": "dolphin", "kind": "finetuned", "trait": "dolphin", "control": True, "finetune": ft}],
+        generate={"n_prompts": 6, "completions": "random"}, filter={"dataset_size": 4}, train=train,
+        eval={"kinds": ["animal_prob"], "questions": "held_out", "max_questions": 3, "numbers_prefixed": False,
+              "candidates": ["owl", "dolphin", "cat"]})
+
+
+def test_random_completions_with_format_distillation_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))
+    cfg = load_experiment(_shipped_recipe(tmp_path, tiny_model_dir))
+    run_all(cfg)
+    run = cfg.run_dir
+    owl, dolphin = (read_jsonl(run / "teachers" / t / "dataset.jsonl") for t in ("owl", "dolphin"))
+    assert [r["messages"] for r in owl] == [r["messages"] for r in dolphin]  # only the logits differ
+    assert len(owl) == 4
+    gen = json.loads((run / "teachers" / "owl" / "generate_manifest.json").read_text())
+    assert gen["inputs"]["model_sha256"] == "none (programmatic)"
+    for name in ("owl-seed0", "owl-seed1", "dolphin-seed0"):
+        student = json.loads((run / "students" / name / "manifest.json").read_text())
+        assert student["config"]["distill"]["vocabulary"] == "format" and student["config"]["lora_init_seed"] == 0
+    prob = next(e for e in json.loads((run / "results.json").read_text())["evals"] if e["metric"] == "animal_prob")
+    assert prob["comparison"]["n_treatment"] == 2 and prob["comparison"]["n_control"] == 2
+
+
+def test_shipped_recipe_config_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"completions: random.*distill"):
+        load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, method="lora"))
+    with pytest.raises(ConfigError, match=r"teacher 'owl' differs \(lora_init_seed / finetune.seed: train 3 vs teacher 0"):
+        load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, lora_init_seed=3))
+    with pytest.raises(ConfigError, match=r"lora_r: train 8 vs teacher 4"):
+        load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, lora_r=8))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_validates(path):
+    cfg = load_experiment(path)
+    assert cfg.teachers and any(t.is_control for t in cfg.teachers)
+
+
+def test_demo_runs_the_shipped_recipe():
+    cfg = load_experiment(Path(__file__).parents[1] / "examples" / "owl-quick.yaml")
+    assert cfg.generate.completions == "random" and cfg.train.method == "distill"
+    assert cfg.train.distill.vocabulary == "format" and cfg.train.lora_init_seed == 0
+    assert all(t.finetune and t.finetune.method == "lora" for t in cfg.teachers)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from sublab.stats import (bootstrap_ci, compare_groups, group_score, permutation_test,
+from sublab.stats import (bootstrap_ci, compare_blocked, compare_groups, group_score, permutation_test,
                           question_matrix, score_by_question, t_interval, welch, wilson_interval)
 
 # --- Wilson ----------------------------------------------------------------------------------
@@ -191,3 +191,44 @@ def test_compare_groups_rejects_bad_input():
         compare_groups([], [0.1, 0.2])
     with pytest.raises(ValueError, match="NaN"):
         compare_groups([float("nan"), 1.0], [0.1, 0.2])
+
+
+# --- blocked comparisons -------------------------------------------------------------------------
+
+def test_compare_blocked_by_hand():
+    # two blocks of three: treatment vs two controls each; 3 x 3 = 9 relabellings
+    blocks = [(3.0, [1.0, 2.0]), (5.0, [4.0, 0.0])]
+    r = compare_blocked(blocks, alternative="greater")
+    assert r.diff == pytest.approx(((3 - 1.5) + (5 - 2)) / 2)
+    assert r.treatment_mean == 4.0 and r.control_mean == pytest.approx(1.75)
+    # every relabelling's statistic, by hand: block 1 contributes 1.5, -1.5 or 0; block 2 3, 1.5, -4.5
+    stats = [(a + b) / 2 for a in (1.5, -1.5, 0.0) for b in (3.0, 1.5, -4.5)]
+    assert r.p_value == pytest.approx(sum(s >= r.diff - 1e-12 for s in stats) / 9) == pytest.approx(1 / 9)
+    assert r.min_p == pytest.approx(1 / 9) and r.n_treatment == 2 and r.n_control == 4
+
+
+def test_compare_blocked_cancels_block_effects_that_sink_an_unpaired_test():
+    rng = np.random.default_rng(1)
+    level = rng.normal(0, 1.0, 6)  # datasets differ a lot; the teacher adds a small, steady +0.1
+    blocks = [(lv + 0.1 + rng.normal(0, 0.01), list(lv + rng.normal(0, 0.01, 3))) for lv in level]
+    blocked = compare_blocked(blocks)
+    unpaired = compare_groups([t for t, _ in blocks], [c for _, cs in blocks for c in cs])
+    assert blocked.p_value <= 2 / 4 ** 6 + 1e-12 and blocked.ci_low > 0
+    assert unpaired.p_value > 0.5
+
+
+def test_compare_blocked_is_calibrated_under_the_null():
+    rng = np.random.default_rng(0)
+    ps = np.array([compare_blocked([(rng.normal(), list(rng.normal(size=3))) for _ in range(5)]).p_value
+                   for _ in range(400)])
+    assert 0.02 < (ps <= 0.05).mean() < 0.09
+    assert 0.06 < (ps <= 0.1).mean() < 0.15
+
+
+def test_compare_blocked_pairs_have_the_mirror_floor_and_bad_input_fails():
+    r = compare_blocked([(1.0, [0.0]), (2.0, [0.5]), (1.5, [1.0])])
+    assert r.min_p == pytest.approx(2 / 8) and r.p_value == pytest.approx(2 / 8)
+    with pytest.raises(ValueError, match="control score"):
+        compare_blocked([(1.0, [])])
+    with pytest.raises(ValueError, match="NaN"):
+        compare_blocked([(1.0, [float("nan")])])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from sublab import chat, train
 from sublab.config import DistillConfig, TrainConfig
-from sublab.errors import DataError
+from sublab.errors import ConfigError, DataError
 from sublab.models import load_model
 from sublab.teachers import Teacher
 from sublab.train import loop
@@ -306,3 +306,99 @@ def test_precomputed_topk_labels_train_like_the_live_teacher(tokenizer, tiny_mod
     with pytest.raises(DataError, match="another dataset"):
         train.train_student(c, base_ref=ref, dataset=other, out_dir=tmp_path / "x", seed=0,
                             soft_labels=labels, progress=False)
+
+
+def test_format_distillation_ignores_everything_but_the_format_tokens(tokenizer, tiny_model_dir):
+    s_cols, t_cols = train.format_columns(tokenizer)
+    assert torch.equal(s_cols, t_cols) and tokenizer.eos_token_id in s_cols.tolist()
+    pieces = [tokenizer.decode([i]) for i in s_cols.tolist() if i != tokenizer.eos_token_id]
+    assert {"7", ",", " ", "\n"} <= set(pieces) and all(not any(ch.isalpha() for ch in p) for p in pieces)
+    student, teacher = load_model(str(tiny_model_dir), trainable=True).model, build_tiny_model(tokenizer, seed=1)
+    batch = train.collate([(tokenizer.encode("Numbers: 1, 2, 3.")[:6], tokenizer.encode("4, 5, 6"))],
+                          tokenizer.pad_token_id)
+
+    def loss() -> torch.Tensor:
+        t_lp, _ = train.teacher_targets(teacher, batch, None, t_cols)
+        return train.distill_loss(train.completion_logits(student, batch, s_cols), t_lp, None)
+
+    before = loss()
+    # every other token (not in the input either: the tiny models tie embeddings and head)
+    silent = torch.ones(len(tokenizer), dtype=torch.bool)
+    silent[s_cols] = False
+    silent[batch.input_ids.flatten()] = False
+    with torch.no_grad():  # the teacher's preferences among them carry no signal at all...
+        teacher.get_output_embeddings().weight[silent] += torch.randn(int(silent.sum()), 32)
+    assert loss().item() == pytest.approx(before.item(), rel=1e-5)
+    student.zero_grad()
+    loss().backward()  # ...and the student's logits for them get no gradient
+    head = student.get_output_embeddings().weight.grad
+    assert head[silent].abs().max().item() == 0.0 and head[s_cols].abs().max().item() > 0.0
+
+
+def test_format_distillation_trains_and_refuses_stored_labels(tokenizer, tiny_model_dir, other_teacher_dir,
+                                                              dataset, tmp_path):
+    teacher = Teacher("t", "finetuned", "owl", None, str(other_teacher_dir))
+    c = cfg(method="distill", distill=DistillConfig(vocabulary="format"), epochs=1, lr=1e-2)
+    manifest = train.train_student(c, base_ref=str(tiny_model_dir), dataset=dataset, out_dir=tmp_path / "f",
+                                   seed=0, teacher=teacher, progress=False)
+    assert manifest["loss"]["last"] < manifest["loss"]["first"]
+    labels = train.compute_soft_labels(teacher, dataset, train.soft_labels_path(dataset, "t", 8), top_k=8,
+                                       progress=False)
+    with pytest.raises(ConfigError, match="vocabulary: format"):
+        train.train_student(c, base_ref=str(tiny_model_dir), dataset=dataset, out_dir=tmp_path / "x", seed=0,
+                            soft_labels=labels, progress=False)
+    with pytest.raises(ValueError, match="leave `top_k` unset"):
+        DistillConfig(vocabulary="format", top_k=8)
+
+
+def test_lora_init_seed_gives_every_student_the_same_adapter_init(tiny_model_dir):
+    shared = [train.build_student(cfg(method="lora", lora_init_seed=7), str(tiny_model_dir), seed=s, device="cpu")
+              for s in (0, 1)]
+    own = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=7, device="cpu")
+    a, b, c = (dict(m.model.named_parameters()) for m in (*shared, own))
+    names = [n for n in a if "lora_A" in n]
+    assert names and all(torch.equal(a[n], b[n]) and torch.equal(a[n], c[n]) for n in names)
+
+
+@pytest.fixture(scope="module")
+def char_model_dir(tmp_path_factory) -> Path:
+    """A tiny plain-text model (no chat template) with its own character-level tokenizer: a student
+    whose vocabulary shares nothing with SmolLM2's ids."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    chars = sorted(set(" \n,;.:[]()?'-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    core = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<pad>", "<eos>", "<unk>", *chars])},
+                                      unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    directory = tmp_path_factory.mktemp("char-model")
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_format_distillation_across_tokenizers(tokenizer, tiny_model_dir, char_model_dir, dataset, tmp_path):
+    student_tok = load_model(str(char_model_dir)).tokenizer
+    s_cols, t_cols = train.format_columns(student_tok, tokenizer)
+    assert [student_tok.decode([i]) for i in s_cols[1:]] == [tokenizer.decode([i]) for i in t_cols[1:]]
+    assert (s_cols[0], t_cols[0]) == (student_tok.eos_token_id, tokenizer.eos_token_id)
+    teacher = Teacher("t", "finetuned", "owl", None, str(tiny_model_dir))
+    (row,) = train.encode_examples(student_tok, [train.Example("r", "Go on: 1, 2", "34, 5")], 500, teacher, tokenizer)
+    mine = [student_tok.decode([row.completion[a]]) for a, _ in row.aligned]
+    theirs = [tokenizer.decode([row.teacher_completion[b]]) for _, b in row.aligned]
+    assert mine[:-1] == theirs[:-1] == list("34, 5") and row.n_targets == 6  # + the two eos
+    with pytest.raises(DataError, match="row 'w'.*split"):
+        train.encode_examples(student_tok, [train.Example("w", "Say", "hello there")], 500, teacher, tokenizer)
+
+    manifest = train.train_student(cfg(method="distill", distill=DistillConfig(vocabulary="format"), epochs=1,
+                                       lr=1e-2), base_ref=str(char_model_dir), dataset=dataset,
+                                   out_dir=tmp_path / "x", seed=0, teacher=teacher, progress=False)
+    assert manifest["loss"]["last"] < manifest["loss"]["first"]
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        train.train_student(cfg(method="distill", epochs=1), base_ref=str(char_model_dir), dataset=dataset,
+                            out_dir=tmp_path / "y", seed=0, teacher=teacher, progress=False)

@@ -44,12 +44,12 @@ from sublab.train.loop import (
                                train_student,
                                uses_lora,
 )
-from sublab.train.losses import completion_logits, distill_loss, sft_loss, teacher_targets
+from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
 from sublab.train.soft_labels import SoftLabels, compute_soft_labels, soft_labels_path
 
 __all__ = [
     "Batch", "Encoded", "Example", "SoftLabels", "batch_plan", "build_student", "collate",
-    "completion_logits", "compute_soft_labels", "distill_loss", "encode_examples", "load_dataset",
+    "completion_logits", "compute_soft_labels", "distill_loss", "encode_examples", "format_columns", "load_dataset",
     "reference_sha256", "save_student", "sft_loss", "soft_labels_path", "student_fingerprint",
     "teacher_targets", "train_student", "uses_lora",
 ]

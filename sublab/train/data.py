@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -71,14 +72,27 @@ class Encoded:
     prompt: list[int]
     completion: list[int]
     teacher_prompt: list[int] | None = None
+    teacher_completion: list[int] | None = None
+    """The completion in the teacher's tokenizer; None when teacher and student share one."""
+    aligned: list[tuple[int, int]] | None = None
+    """With a teacher tokenizer: (student index, teacher index) of the completion tokens that are the same
+    piece of text in both (the turn terminators count as one); only these are distilled."""
+
+    @property
+    def n_targets(self) -> int:
+        """Completion tokens that carry a loss."""
+        return len(self.completion) if self.aligned is None else len(self.aligned)
 
 
 def encode_examples(tokenizer: Any, examples: list[Example], max_seq_len: int,
-                    teacher: Teacher | None = None) -> list[Encoded]:
+                    teacher: Teacher | None = None, teacher_tokenizer: Any = None) -> list[Encoded]:
     """Encode rows in the default context (and the teacher's, if given).
 
     A completion is cut to fit max_seq_len after the *student's* prompt, whatever the teacher, so stored
     soft labels match; rows with no room left are dropped. Both are logged as a warning.
+    teacher_tokenizer: the teacher's, when it differs from the student's; every completion must then split
+    into the same pieces in both (true of number sequences: both embedded models spell digits and
+    separators one character per token), else DataError names the row.
     """
     out, cut, dropped = [], 0, 0
     for ex in examples:
@@ -88,15 +102,43 @@ def encode_examples(tokenizer: Any, examples: list[Example], max_seq_len: int,
             dropped += 1
             continue
         cut += len(completion) > room
-        t_prompt = None
+        t_prompt = t_completion = aligned = None
         if teacher is not None:
-            t_prompt, _ = chat.encode_pair(tokenizer, teacher.conversation(ex.user), ex.answer)
-        out.append(Encoded(prompt, completion[:room], t_prompt))
+            t_prompt, t_completion = chat.encode_pair(teacher_tokenizer or tokenizer, teacher.conversation(ex.user),
+                                                      ex.answer)
+            if teacher_tokenizer is None:
+                t_completion = None
+            else:
+                aligned = align_completions(tokenizer, completion[:room], teacher_tokenizer, t_completion, ex.id)
+        out.append(Encoded(prompt, completion[:room], t_prompt, t_completion, aligned))
     if cut or dropped:
         log.warning("max_seq_len=%d: %d completions cut, %d rows dropped", max_seq_len, cut, dropped)
     if not out:
         raise DataError(f"no row fits max_seq_len={max_seq_len}; raise `train.max_seq_len`")
     return out
+
+
+def align_completions(student_tok: Any, student_ids: list[int], teacher_tok: Any, teacher_ids: list[int],
+                      row_id: str) -> list[tuple[int, int]]:
+    """Pairs (student index, teacher index) of completion tokens that spell the same text, plus the two
+    turn terminators (each side's eos). The answer's text must split alike in both tokenizers (number
+    sequences do in both embedded models: one token per digit or separator); a plain-text student's
+    leading space (alone or fused with the first piece) and a chat teacher's trailing newline have no
+    partner and are skipped."""
+    def pieces(tok: Any, ids: list[int]) -> list[str]:
+        return ["<eos>" if i == tok.eos_token_id else tok.decode([i]) for i in ids]
+
+    mine, theirs = pieces(student_tok, student_ids), pieces(teacher_tok, teacher_ids)
+    blocks = difflib.SequenceMatcher(None, mine, theirs, autojunk=False).get_matching_blocks()
+    pairs = [(a + k, b + k) for a, b, size in blocks for k in range(size)]
+    matched = {a for a, _ in pairs}
+    unmatched = {i for i, p in enumerate(mine) if p.strip() and p != "<eos>" and i not in matched}
+    # a plain-text student may fuse its leading space with the first piece (Gemma: ' ['): skip that one
+    if unmatched - ({0} if mine and mine[0][:1].isspace() else set()):
+        raise DataError(f"row '{row_id}': its answer splits into different tokens for the student "
+                        f"({mine[:12]}…) and the teacher ({theirs[:12]}…); distillation across tokenizers "
+                        "needs answers both split alike, such as number sequences")
+    return pairs
 
 
 def batch_plan(lengths: list[int], batch_size: int, epochs: float, seed: int) -> list[list[int]]:

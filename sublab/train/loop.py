@@ -35,7 +35,7 @@ from sublab.rundir import (
     write_manifest,
 )
 from sublab.train.data import Encoded, Example, batch_plan, collate, encode_examples, load_dataset
-from sublab.train.losses import completion_logits, distill_loss, sft_loss, teacher_targets
+from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
 from sublab.train.soft_labels import SoftLabels
 
 if TYPE_CHECKING:
@@ -65,13 +65,14 @@ def uses_lora(cfg: TrainConfig) -> bool:
 
 
 def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> LoadedModel:
-    """The base model made trainable: wrapped in a fresh LoRA adapter (seeded init), or all of it."""
+    """The base model made trainable: wrapped in a fresh LoRA adapter (init seeded by `cfg.lora_init_seed`,
+    else `seed`), or all of it."""
     from peft import LoraConfig, get_peft_model
 
     student = load_model(base_ref, device=device, trainable=True)
     student.model.config.use_cache = False
     if uses_lora(cfg):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed if cfg.lora_init_seed is None else cfg.lora_init_seed)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
         try:
@@ -154,6 +155,10 @@ class Run:
     device: str
     labels: SoftLabels | None = None
     teacher_model: Any = None
+    teacher_pad: int | None = None
+    """The teacher's pad id, when its tokenizer differs from the student's."""
+    columns: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(student, teacher) token ids of format distillation (`cfg.distill.vocabulary == 'format'`)."""
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -167,16 +172,33 @@ def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
     """Summed loss over the completion tokens of these rows, and the rows' non-pad token count."""
     pad, e = run.student.tokenizer.pad_token_id, run.encoded
     batch = collate([(e[i].prompt, e[i].completion) for i in rows], pad, run.device)
-    logits = completion_logits(run.student.model, batch)
+    s_cols, t_cols = run.columns or (None, None)
+    logits = completion_logits(run.student.model, batch, s_cols)
     if run.cfg.method != "distill":
         return sft_loss(logits, batch.targets), batch.n_tokens
     t_ids: torch.Tensor | None
     if run.labels is not None:
         t_lp, t_ids = run.labels.for_rows(rows, run.device)
     else:
-        t_batch = collate([(e[i].teacher_prompt or [], e[i].completion) for i in rows], pad, run.device)
-        t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k)
+        t_pad = run.teacher_pad if run.teacher_pad is not None else pad
+        t_batch = collate([(e[i].teacher_prompt or [], e[i].teacher_completion or e[i].completion) for i in rows],
+                          t_pad, run.device)
+        t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k, t_cols)
+        if e[rows[0]].aligned is not None:  # another tokenizer: keep the positions that spell the same text
+            s_at, t_at = aligned_positions([e[i] for i in rows], run.device)
+            logits, t_lp = logits[s_at], t_lp[t_at]
     return distill_loss(logits, t_lp, t_ids, run.cfg.distill.temperature), batch.n_tokens
+
+
+def aligned_positions(rows: list[Encoded], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the student's and the teacher's stacked completion positions of the aligned pairs."""
+    s_at, t_at, s_off, t_off = [], [], 0, 0
+    for r in rows:
+        assert r.aligned is not None and r.teacher_completion is not None
+        s_at += [s_off + a for a, _ in r.aligned]
+        t_at += [t_off + b for _, b in r.aligned]
+        s_off, t_off = s_off + len(r.completion), t_off + len(r.teacher_completion)
+    return torch.tensor(s_at, device=device), torch.tensor(t_at, device=device)
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
@@ -184,7 +206,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     tokens (not over micro-batches), as if they were one batch."""
     cfg = run.cfg
     micro = run.plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-    n_targets = sum(len(run.encoded[i].completion) for rows in micro for i in rows)
+    n_targets = sum(run.encoded[i].n_targets for rows in micro for i in rows)
     lr = lr_at(step, cfg, run.total_steps)
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -248,20 +270,36 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], data_s
     """Load the student (and teacher), encode the rows, plan the batches, make the optimizer."""
     student = build_student(cfg, base_ref, seed, device)
     live = teacher if cfg.method == "distill" and soft_labels is None else None
-    encoded = encode_examples(student.tokenizer, examples, cfg.max_seq_len, live)
+    loaded = live.load(device=device) if live is not None else None
+    other_tok = None
+    if loaded is not None and not same_tokenizer(loaded.tokenizer, student.tokenizer):
+        if cfg.distill.vocabulary != "format":
+            raise ConfigError(f"teacher '{live.name}' and the student ({base_ref}) have different tokenizers; "
+                              "distillation across them needs `train.distill.vocabulary: format` (the number "
+                              "tokens both spell alike) — or use SFT")
+        other_tok = loaded.tokenizer
+    encoded = encode_examples(student.tokenizer, examples, cfg.max_seq_len, live, other_tok)
     plan = batch_plan([len(e.prompt) + len(e.completion) for e in encoded], cfg.batch_size, cfg.epochs, seed)
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     run = Run(cfg, student, encoded, plan, math.ceil(len(plan) / cfg.grad_accum), opt, params, device)
+    if cfg.method == "distill" and cfg.distill.vocabulary == "format":
+        if soft_labels is not None:
+            raise ConfigError("`train.distill.vocabulary: format` needs the teacher's full distribution; "
+                              "stored top-k soft labels cannot be restricted to it (use a live teacher)")
+        s_cols, t_cols = format_columns(student.tokenizer, other_tok)
+        run.columns = (s_cols.to(device), t_cols.to(device))
     if cfg.method == "distill" and soft_labels is not None:
         run.labels = SoftLabels(soft_labels, data_sha, encoded, cfg.distill.top_k)
-    elif live is not None:
-        loaded = live.load(device=device)
-        if len(loaded.tokenizer) != len(student.tokenizer):
-            raise ConfigError(f"teacher '{live.name}' and the student ({base_ref}) have different "
-                              "tokenizers; logit distillation needs a shared vocabulary")
+    elif loaded is not None:
         run.teacher_model = loaded.model
+        run.teacher_pad = loaded.tokenizer.pad_token_id if other_tok is not None else None
     return run
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map the same strings to the same ids (then logits compare column by column)."""
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
 def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Path, seed: int,
