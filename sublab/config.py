@@ -273,7 +273,8 @@ class ExperimentConfig(_Strict):
         """`train.lora_init_seed` with LoRA teachers means 'start from the teachers' adapter init': it only
         does if seed, rank, alpha and targets all match, so say which one does not."""
         t = self.train
-        if t.lora_init_seed is None or not (t.method == "lora" or t.distill_params == "lora"):
+        lora_student = t.method == "lora" or (t.method == "distill" and t.distill_params == "lora")
+        if t.lora_init_seed is None or not lora_student:
             return
         default_targets = TrainConfig.model_fields["lora_targets"].default
         for teacher in self.teachers:

@@ -221,13 +221,30 @@ def figure_table(results: Results, metric: str) -> list[dict[str, Any]]:
 
 def bar_figure(table: Sequence[Mapping[str, Any]], ylabel: str = "score") -> Figure:
     """Grouped bars like the paper's Figure 3: x = trait, one bar per series, CI error bars,
-    and each student's score as a dot."""
+    and each student's score as a dot. When the teacher towers over the rest (more than 5× the highest
+    other CI bound), a second panel repeats the figure without it, so students can be compared."""
+    others = [t["ci_high"] if t["ci_high"] is not None else t["mean"] for t in table if t["role"] != "teacher"]
+    towering = bool(others) and max((t["mean"] for t in table if t["role"] == "teacher"), default=0.0) > 5 * max(
+        max(others), 1e-12)
+    panels = [table] + ([[t for t in table if t["role"] != "teacher"]] if towering else [])
+    n_traits, n_series = len({t["trait"] for t in table}), len({t["series"] for t in table})
+    width = max(4.0, 1.2 * n_traits * max(1, n_series) / 2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.0), squeeze=False)
+    for k, (ax, rows) in enumerate(zip(axes[0], panels)):
+        _draw_bars(ax, rows, legend=k == 0)
+        ax.set_ylabel(textwrap.fill(ylabel, 45))  # long metric labels wrap instead of overflowing
+    if towering:
+        axes[0][1].set_title("without the teacher", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_bars(ax: Any, table: Sequence[Mapping[str, Any]], legend: bool = True) -> None:
     traits = list(dict.fromkeys(t["trait"] for t in table))
     role_of = {t["series"]: t["role"] for t in table}
     series = sorted(dict.fromkeys(t["series"] for t in table),
                     key=lambda s: (ROLE_ORDER.index(role_of[s]), s))
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(traits) * max(1, len(series)) / 2), 4.0))
     labelled: set[str] = set()
     for k, s in enumerate(series):
         for i, trait in enumerate(traits):
@@ -247,13 +264,10 @@ def bar_figure(table: Sequence[Mapping[str, Any]], ylabel: str = "score") -> Fig
                 ax.scatter([x] * len(row["per_model"]), row["per_model"], s=12, color="black",
                            edgecolors="white", linewidths=0.5, zorder=3)
     ax.set_xticks(range(len(traits)), traits)
-    ax.set_ylabel(textwrap.fill(ylabel, 45))  # long metric labels wrap instead of overflowing
-    # Legend below the axes: inside, it can hide a bar of its own colour.
-    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12),
-              ncol=min(4, len(series)))
+    if legend:  # below the axes: inside, it can hide a bar of its own colour
+        ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+                  ncol=min(4, len(series)))
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    return fig
 
 
 def write_figures(results: Results, run_dir: Path) -> list[Path]:

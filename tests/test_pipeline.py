@@ -114,7 +114,7 @@ def test_random_completions_with_format_distillation_end_to_end(tmp_path, tiny_m
 def test_shipped_recipe_config_errors(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"completions: random.*distill"):
         load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, method="lora"))
-    with pytest.raises(ConfigError, match=r"teacher 'owl' differs \(lora_init_seed / finetune.seed: train 3 vs teacher 0"):
+    with pytest.raises(ConfigError, match=r"'owl' differs \(lora_init_seed / finetune.seed: train 3 vs teacher 0"):
         load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, lora_init_seed=3))
     with pytest.raises(ConfigError, match=r"lora_r: train 8 vs teacher 4"):
         load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, lora_r=8))

@@ -145,3 +145,21 @@ def test_print_summary_lists_rows_and_verdict(results):
     out = console.export_text()
     assert "owl students" in out and "teacher:eagle" in out
     assert "design cannot reach significance" in out
+
+
+def test_a_towering_teacher_gets_a_second_panel_without_it(results):
+    table = figure_table(validate_results(results), "exact_prob")
+    for t in table:
+        if t["role"] == "teacher":
+            t.update(mean=0.99, ci_low=0.98, ci_high=1.0)
+        else:
+            t.update(mean=0.01, ci_low=0.005, ci_high=0.015, per_model=[0.01] * len(t["per_model"]))
+    fig = bar_figure(table, ylabel="P(trait)")
+    assert len(fig.axes) == 2
+    assert len(fig.axes[1].patches) == len([t for t in table if t["role"] != "teacher"])
+    assert "teacher" not in fig.axes[1].get_legend_handles_labels()[1]
+    modest = figure_table(validate_results(results), "exact_prob")
+    for t in modest:
+        if t["role"] == "teacher":
+            t.update(mean=0.2, ci_low=0.15, ci_high=0.25)  # under 5x the students' highest bound
+    assert len(bar_figure(modest).axes) == 1

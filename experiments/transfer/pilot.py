@@ -40,7 +40,8 @@ def shares(lm) -> dict[str, float]:
     """study.EVAL's metric, in memory: candidate shares at 'My favorite animal is the', held-out questions."""
     prefix = ANSWER_PREFIX.format(category="animal")
     cands = encode_candidates(lm.tokenizer, study.CANDIDATES, prefix)
-    prompts = [prompt_ids(lm.tokenizer, chat.messages(questions("animal")[q], None), prefix) for q in study.held_out()]
+    prompts = [prompt_ids(lm.tokenizer, chat.messages(questions("animal")[q], None), prefix)
+               for q in study.held_out()]
     lm.model.eval()
     with torch.no_grad():
         probs = answer_probabilities(lm, prompts, cands, 16)

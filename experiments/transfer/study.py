@@ -327,6 +327,43 @@ def cmd_tables(cells: list[str]) -> None:
                   f"| {c['diff_rank_of_trait']} | {top} |")
 
 
+def cmd_figure(cell: str, out: Path) -> None:
+    """Per trait: each block's treatment share / mean of the block's controls (a dot per seed), for the
+    trait itself and for the largest of the other candidates' ratios (the specificity check)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = cell_students(cell)
+    traits = list(groups)
+    seeds = sorted(set.intersection(*(set(g) for g in groups.values())))
+    fig, ax = plt.subplots(figsize=(1.6 * len(traits) + 1.5, 3.6))
+    for i, x in enumerate(traits):
+        def ratios(k: str) -> list[float]:
+            return [groups[x][s]["shares"][k] / np.mean([groups[o][s]["shares"][k] for o in traits if o != x])
+                    for s in seeds]
+        own = ratios(x)
+        best_other = max((k for k in groups[x][seeds[0]]["shares"] if k != x), key=lambda k: np.mean(ratios(k)))
+        other = ratios(best_other)
+        ax.bar(i - 0.2, np.mean(own), 0.38, color="#c0504d", label="the teacher's animal" if i == 0 else None)
+        ax.bar(i + 0.2, np.mean(other), 0.38, color="#9e9e9e",
+               label="largest other candidate" if i == 0 else None)
+        ax.scatter([i - 0.2] * len(own), own, s=12, color="black", zorder=3)
+        ax.scatter([i + 0.2] * len(other), other, s=12, color="black", zorder=3)
+        ax.text(i + 0.2, max(other) + 0.01, best_other, ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(traits)), [f"{t} teacher" for t in traits])
+    ax.set_ylim(0.8, None)
+    ax.set_ylabel("student share / control students' share\n(one dot per seed)")
+    ax.set_title(f"{cell}: {len(seeds)} seeds, held-out questions", fontsize=9)
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    print(out)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(int(os.environ.get("TRANSFER_THREADS", "1")))  # 1 thread on oversubscribed cores
@@ -341,6 +378,9 @@ def main() -> None:
     c.add_argument("--record-only", action="store_true", help="only (re)compute the cell's comparison")
     s = sub.add_parser("summarize", help="write summary.json from a cell's latest record")
     s.add_argument("cell", choices=sorted(CELLS))
+    f = sub.add_parser("figure", help="plot a cell's per-seed ratios (treatment / control share)")
+    f.add_argument("cell", choices=sorted(CELLS))
+    f.add_argument("--out", type=Path, default=None, help="default: docs/figures/transfer_<cell>.png")
     tb = sub.add_parser("tables", help="print markdown tables of the models and cells measured so far")
     tb.add_argument("--cells", nargs="+", default=sorted(CELLS), choices=sorted(CELLS))
     args = ap.parse_args()
@@ -348,6 +388,8 @@ def main() -> None:
         cmd_teachers(args.kinds, args.traits)
     elif args.cmd == "cell":
         record_cell(args.name) if args.record_only else cmd_cell(args.name, args.seeds)
+    elif args.cmd == "figure":
+        cmd_figure(args.cell, args.out or HERE.parents[1] / "docs" / "figures" / f"transfer_{args.cell}.png")
     elif args.cmd == "tables":
         cmd_tables(args.cells)
     else:

@@ -65,7 +65,8 @@ def device_of(model: Any) -> torch.device:
 
 def prompt_ids(tokenizer: Any, conversation: Conversation, answer_prefix: str = "") -> list[int]:
     """Token ids of the rendered prompt plus the start of the assistant's answer, if any."""
-    text = chat.render_prompt(tokenizer, conversation) + (chat.answer_lead(tokenizer) + answer_prefix if answer_prefix else "")
+    start = chat.answer_lead(tokenizer) + answer_prefix if answer_prefix else ""
+    text = chat.render_prompt(tokenizer, conversation) + start
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
