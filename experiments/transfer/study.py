@@ -94,7 +94,8 @@ CELLS: dict[str, dict[str, Any]] = {
     # teachers' own adapter init, format-token distillation; four teachers, each the others' control.
     "lora8-shared-init": dict(teacher="lora8", method="distill", params="lora", lora_r=8, init="teacher",
                               vocabulary="format", lr=1e-3, rows=128, batch_size=4, warmup=3, traits=FOUR),
-    # Its ablation: the same, but each student's adapter starts from a different random init.
+    # Its ablation: the same, but the students' adapters start from an init that is not the teachers'
+    # (seed 1000 + k, shared by the block, so a block still differs only in its teacher).
     "lora8-other-init": dict(teacher="lora8", method="distill", params="lora", lora_r=8, init="other",
                              vocabulary="format", lr=1e-3, rows=128, batch_size=4, warmup=3, traits=FOUR),
     # The cross-model control (issue 4, point 4): the same rows and teachers, students on Gemma 3 270M
