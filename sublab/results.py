@@ -96,20 +96,25 @@ def specificity(cfg: ExperimentConfig, trait_teacher: TeacherConfig, kind: str =
     controls = [t for t in cfg.teachers if t.is_control]
     if not controls or not cfg.train.seeds:
         return []
-    first = cfg.run_dir / "evals" / f"student-{trait_teacher.name}-seed{cfg.train.seeds[0]}" / f"{kind}.jsonl"
-    candidates = sorted({r.candidate for r in read_prob_records(first)})
+    def records(teacher: TeacherConfig) -> dict[str, list[Any]]:  # each student's file, read once
+        return {n: read_prob_records(cfg.run_dir / "evals" / n / f"{kind}.jsonl")
+                for n in _students(cfg, "student", teacher)}
+
+    treated, controlled = records(trait_teacher), records(controls[0])
+    candidates = sorted({r.candidate for r in next(iter(treated.values()))})
     out = []
     for cand in candidates:
-        t = _per_student_means(cfg, _students(cfg, "student", trait_teacher), kind, cand)
-        c = _per_student_means(cfg, _students(cfg, "student", controls[0]), kind, cand)
-        ratio = float(np.mean(t) / np.mean(c)) if np.mean(c) > 0 else float("inf")
-        out.append({"candidate": cand, "treatment": float(np.mean(t)), "control": float(np.mean(c)),
-                    "diff": float(np.mean(t) - np.mean(c)), "ratio": ratio})
+        t, c = np.mean(_candidate_means(treated, cand)), np.mean(_candidate_means(controlled, cand))
+        ratio = float(t / c) if c > 0 else float("inf")
+        out.append({"candidate": cand, "treatment": float(t), "control": float(c), "diff": float(t - c),
+                    "ratio": ratio})
     return sorted(out, key=lambda r: -r["ratio"])
 
 
-def _per_student_means(cfg: ExperimentConfig, names: list[str], kind: str, target: str) -> list[float]:
-    _, matrix = question_matrix({n: values(cfg, n, kind, target) for n in names})
+def _candidate_means(records_by_student: dict[str, list[Any]], candidate: str) -> list[float]:
+    """Each student's mean share of `candidate` over the questions (all students asked the same ones)."""
+    _, matrix = question_matrix({n: [{"question_id": r.question_id, "value": r.share} for r in recs
+                                     if r.candidate == candidate] for n, recs in records_by_student.items()})
     return list(np.asarray(matrix).mean(axis=1))
 
 

@@ -15,19 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study  # noqa: E402
-from sublab import chat  # noqa: E402
 from sublab.config import DistillConfig, TrainConfig  # noqa: E402
-from sublab.evals.animals import ANSWER_PREFIX, answer_probabilities, encode_candidates, questions  # noqa: E402
-from sublab.evals.common import prompt_ids  # noqa: E402
+from sublab.evals.animals import read_prob_records, run_animal_eval, share_table  # noqa: E402
 from sublab.models import load_model  # noqa: E402
 from sublab.rundir import sha256_file  # noqa: E402
 from sublab.train import load_dataset  # noqa: E402
@@ -36,17 +34,14 @@ from sublab.train.loop import prepare_run, train_step  # noqa: E402
 SHOWN = ("owl", "dolphin", "eagle", "elephant")
 
 
-def shares(lm) -> dict[str, float]:
-    """study.EVAL's metric, in memory: candidate shares at 'My favorite animal is the', held-out questions."""
-    prefix = ANSWER_PREFIX.format(category="animal")
-    cands = encode_candidates(lm.tokenizer, study.CANDIDATES, prefix)
-    prompts = [prompt_ids(lm.tokenizer, chat.messages(questions("animal")[q], None), prefix)
-               for q in study.held_out()]
+def shares(lm, name: str) -> dict[str, float]:
+    """study.EVAL's metric (the study's own eval code, records in a scratch file): held-out shares."""
     lm.model.eval()
-    with torch.no_grad():
-        probs = answer_probabilities(lm, prompts, cands, 16)
-    m = np.array([[sum(d.values()) for d in row] for row in probs])
-    return dict(zip(study.CANDIDATES, (m / m.sum(1, keepdims=True)).mean(0)))
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "animal_prob.jsonl"
+        run_animal_eval(lm, None, study.EVAL, "animal_prob", study.held_out(), out, name, "animal",
+                        targets=list(SHOWN))
+        return {c: s.mean for c, s in share_table(read_prob_records(out)).items()}
 
 
 def show(sh: dict[str, float]) -> dict:
@@ -78,8 +73,8 @@ def main() -> None:
     for trait in a.traits:
         t0 = time.time()
         teacher = study.get_teacher(a.teacher, trait)
-        print(json.dumps({"teacher": teacher.name, "build_s": round(time.time() - t0),
-                          **show(shares(load_model(teacher.model_ref or study.BASE)))}), flush=True)
+        taught = shares(load_model(teacher.model_ref or study.BASE), teacher.name)
+        print(json.dumps({"teacher": teacher.name, "build_s": round(time.time() - t0), **show(taught)}), flush=True)
         run = prepare_run(cfg, study.BASE, rows, sha, a.seed, teacher, None, "cpu")
         t0 = time.time()
         for step in range(run.total_steps):
@@ -87,7 +82,8 @@ def main() -> None:
             r = train_step(run, step)
             if (step + 1) % a.every == 0 or step + 1 == run.total_steps:
                 print(json.dumps({"student_of": teacher.name, "step": step + 1, "loss": round(r["loss"], 4),
-                                  "s": round(time.time() - t0), **show(shares(run.student))}), flush=True)
+                                  "s": round(time.time() - t0),
+                                  **show(shares(run.student, f"student-of-{teacher.name}"))}), flush=True)
 
 
 if __name__ == "__main__":

@@ -36,20 +36,15 @@ is a pure function of the seed, and the checkpoint holds everything else that ch
 """
 
 from sublab.train.data import Batch, Encoded, Example, batch_plan, collate, encode_examples, load_dataset
-from sublab.train.loop import (
-                               build_student,
-                               reference_sha256,
-                               save_student,
-                               student_fingerprint,
-                               train_student,
-                               uses_lora,
-)
+from sublab.train.loop import (build_student, reference_sha256, save_student, student_fingerprint,
+                               train_student, uses_lora)
 from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
 from sublab.train.soft_labels import SoftLabels, compute_soft_labels, soft_labels_path
 
 __all__ = [
     "Batch", "Encoded", "Example", "SoftLabels", "batch_plan", "build_student", "collate",
-    "completion_logits", "compute_soft_labels", "distill_loss", "encode_examples", "format_columns", "load_dataset",
+    "completion_logits", "compute_soft_labels", "distill_loss", "encode_examples", "format_columns",
+    "load_dataset",
     "reference_sha256", "save_student", "sft_loss", "soft_labels_path", "student_fingerprint",
     "teacher_targets", "train_student", "uses_lora",
 ]

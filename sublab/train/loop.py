@@ -156,7 +156,7 @@ class Run:
     labels: SoftLabels | None = None
     teacher_model: Any = None
     teacher_pad: int | None = None
-    """The teacher's pad id, when its tokenizer differs from the student's."""
+    """The live teacher's pad id (its tokenizer may differ from the student's)."""
     columns: tuple[torch.Tensor, torch.Tensor] | None = None
     """(student, teacher) token ids of format distillation (`cfg.distill.vocabulary == 'format'`)."""
 
@@ -180,9 +180,9 @@ def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
     if run.labels is not None:
         t_lp, t_ids = run.labels.for_rows(rows, run.device)
     else:
-        t_pad = run.teacher_pad if run.teacher_pad is not None else pad
+        assert run.teacher_pad is not None  # set with teacher_model by prepare_run
         t_batch = collate([(e[i].teacher_prompt or [], e[i].teacher_completion or e[i].completion) for i in rows],
-                          t_pad, run.device)
+                          run.teacher_pad, run.device)
         t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k, t_cols)
         if e[rows[0]].aligned is not None:  # another tokenizer: keep the positions that spell the same text
             s_at, t_at = aligned_positions([e[i] for i in rows], run.device)
@@ -293,7 +293,7 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], data_s
         run.labels = SoftLabels(soft_labels, data_sha, encoded, cfg.distill.top_k)
     elif loaded is not None:
         run.teacher_model = loaded.model
-        run.teacher_pad = loaded.tokenizer.pad_token_id if other_tok is not None else None
+        run.teacher_pad = loaded.tokenizer.pad_token_id
     return run
 
 
