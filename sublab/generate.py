@@ -150,7 +150,8 @@ def _write_sampled(todo: list[NumberPrompt], teacher: Teacher, model: LoadedMode
             p = todo[i]
             rows.append(GenerationRecord(id=p.id, teacher=teacher.name, prompt=p.text,
                                          completion=tok.decode(ids, skip_special_tokens=False),
-                                         finish_reason=EARLY_REJECT if reason == "early_stop" else reason, n_tokens=len(ids),
+                                         finish_reason=EARLY_REJECT if reason == "early_stop" else reason,
+                                         n_tokens=len(ids),
                                          format_suffix=p.format_suffix_text).model_dump())
         sink.write_batch(rows)
         bar.update(len(batch))

@@ -137,6 +137,7 @@ def results_for(cfg: ExperimentConfig) -> dict[str, Any]:
     if 0 < n < 5:
         notes.append(f"{n} seeds per group: an exact two-sided permutation test cannot go below "
                      f"p = {2 / comb(2 * n, n):.3g}; use ≥ 5 seeds for p < 0.01")
-    return {"experiment": cfg.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "evals": entries, "notes": notes}
+    return {"experiment": cfg.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "evals": entries,
+            "notes": notes}
 
 

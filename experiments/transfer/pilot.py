@@ -45,7 +45,8 @@ def shares(lm, name: str) -> dict[str, float]:
 
 
 def show(sh: dict[str, float]) -> dict:
-    return {**{k: round(sh[k], 4) for k in SHOWN}, "top": [(k, round(sh[k], 3)) for k in sorted(sh, key=lambda k: -sh[k])[:3]]}
+    top = sorted(sh, key=lambda k: -sh[k])[:3]
+    return {**{k: round(sh[k], 4) for k in SHOWN}, "top": [(k, round(sh[k], 3)) for k in top]}
 
 
 def main() -> None:
