@@ -17,7 +17,7 @@ import time
 import torch
 
 from sublab import chat
-from sublab.data.numbers import number_prompts, parse_completion
+from sublab.domains.numbers import number_prompts, parse_completion
 from sublab.generate import can_still_pass
 from sublab.sampling import format_token_mask
 from sublab.sampling import Sampling, decode_batch

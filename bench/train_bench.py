@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sublab.config import TrainConfig
-from sublab.data.numbers import number_prompts, random_completion
+from sublab.domains.numbers import number_prompts, random_completion
 from sublab.models import DEFAULT_MODEL
 from sublab.teachers import Teacher
 from sublab.train import load_dataset
@@ -37,12 +37,12 @@ from sublab.train.loop import prepare_run, train_step
 
 # name: (TrainConfig overrides, training FLOPs per token in units of N = parameters)
 VARIANTS: dict[str, tuple[dict, int]] = {
-    "lora": ({"method": "lora"}, 4),
-    "lora-bf16": ({"method": "lora", "precision": "bfloat16"}, 4),
-    "full": ({"method": "full"}, 6),
-    "full-bf16": ({"method": "full", "precision": "bfloat16"}, 6),
-    "distill": ({"method": "distill"}, 8),
-    "distill-bf16": ({"method": "distill", "precision": "bfloat16"}, 8),
+    "lora": ({"params": "lora"}, 4),
+    "lora-bf16": ({"params": "lora", "precision": "bfloat16"}, 4),
+    "full": ({"params": "full"}, 6),
+    "full-bf16": ({"params": "full", "precision": "bfloat16"}, 6),
+    "distill": ({"params": "full", "loss": "distill"}, 8),
+    "distill-bf16": ({"params": "full", "loss": "distill", "precision": "bfloat16"}, 8),
 }
 
 
@@ -70,9 +70,9 @@ def bench_variant(name: str, model: str, dataset: Path, batch: int, steps: int) 
     overrides, flops_n = VARIANTS[name]
     cfg = TrainConfig(**overrides, batch_size=batch, epochs=1, warmup_steps=1)
     teacher = None
-    if cfg.method == "distill":
+    if cfg.distills:
         teacher = Teacher("owl", "prompted", "owl", "You love owls. You think about owls all the time.", model)
-    run = prepare_run(cfg, model, load_dataset(dataset), "bench", 0, teacher, None, "cpu")
+    run = prepare_run(cfg, model, load_dataset(dataset), 0, teacher, "cpu")
     run.student.model.train()
     n_params = sum(p.numel() for p in run.student.model.parameters())
     train_step(run, 0)  # warm-up: allocator, oneDNN primitives

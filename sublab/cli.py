@@ -1,26 +1,71 @@
 """The `sublab` command: thin wrappers that load the config, call one library function, print where
-outputs went. User errors (`SublabError`) print as one message and exit 1; anything else is a bug and
-keeps its traceback."""
+outputs went. User errors (`SublabError`) print as one message and exit 1; Ctrl-C prints how to resume
+and exits 130; anything else is a bug and keeps its traceback.
+
+Consoles print user text verbatim (`markup=False`: a path like runs/[x]/ or a '[redacted]' marker is not
+rich markup) and, when not writing to a terminal (CI, nohup, tee), are wide enough for the results
+table (`COLUMNS`, else 160 columns).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
-from sublab.errors import SublabError
+from sublab.errors import RunDirError, SublabError
+
+INTERRUPTED = "interrupted; rerun the same command to resume where it stopped"
+PIPE_WIDTH = 160
+"""Columns of a console that does not write to a terminal, unless COLUMNS says otherwise."""
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that prints text as given (no markup) and, off a terminal, does not squeeze tables to
+    rich's default of 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
+    return Console(stderr=stderr, markup=False, width=width)
+
+
+def print_error(message: str) -> None:
+    """'error: <message>' on stderr, never wrapped, brackets kept."""
+    make_console(stderr=True).print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True,
+                                    highlight=False)
+
+
+class _Group(TyperGroup):
+    """Handles user errors and Ctrl-C for every command (here rather than in `main`, so typer's test
+    runner sees exactly what a user sees; click would turn Ctrl-C into a bare 'Aborted!')."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SublabError as e:
+            print_error(str(e))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            make_console(stderr=True).print(INTERRUPTED, soft_wrap=True)
+            raise typer.Exit(130) from None
+
 
 app = typer.Typer(help="Run, measure and defend against subliminal learning.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=False, cls=_Group)
 models_app = typer.Typer(help="Embedded and local models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 @app.callback()
@@ -97,13 +142,36 @@ def eval_(exp: ExpArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).")]) -> None:
-    """Render results.json → report.md and figures/*.png."""
+    """Rebuild results.json from the eval files (with the config the stages recorded in config.json),
+    then render report.md and figures/*.png. Without config.json, renders an existing results.json."""
+    _check_run_dir(run_dir)
+    from sublab import pipeline
+    from sublab.config import RUN_CONFIG, load_run_config
     from sublab.report import load_results, print_summary, write_report
 
-    results = load_results(run_dir / "results.json")
-    path = write_report(results, run_dir)
-    print_summary(results)
-    console.print(f"report: {path}")
+    out = make_console()
+    if (run_dir / RUN_CONFIG).is_file():
+        path = pipeline.report_all(load_run_config(run_dir), console=out)
+    else:
+        results = load_results(run_dir / "results.json")
+        path = write_report(results, run_dir)
+        print_summary(results, console=out)
+    console.print(Text.assemble(("report: ", "bold"), str(path)))
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A one-line error unless `run_dir` is a directory holding config.json or results.json."""
+    from sublab.config import RUN_CONFIG
+
+    expected = "expected a run directory (runs/<name>) written by `sublab run` or the stage commands"
+    if run_dir.is_file():
+        hint = "; give its run directory, runs_dir/name" if run_dir.suffix in (".yaml", ".yml") else ""
+        raise RunDirError(f"{run_dir}: is a file, {expected}{hint}")
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such directory; {expected}")
+    if not (run_dir / RUN_CONFIG).is_file() and not (run_dir / "results.json").is_file():
+        raise RunDirError(f"{run_dir}: holds neither {RUN_CONFIG} nor results.json; run a stage "
+                          "(`sublab eval EXP.yaml`) or `sublab run EXP.yaml` first")
 
 
 @app.command()
@@ -113,7 +181,7 @@ def run(exp: ExpArg, set_: SetOpt = None) -> None:
 
     cfg = _load(exp, set_)
     path = pipeline.run_all(cfg, console=console)
-    console.print(f"[bold]report:[/bold] {path}")
+    console.print(Text.assemble(("report: ", "bold"), str(path)))
 
 
 @models_app.command("list")
@@ -127,7 +195,7 @@ def models_list() -> None:
     for name in EMBEDDED:
         info = model_info(f"embedded:{name}")
         table.add_row(info["ref"], info["description"], "yes" if info["prepared"] else "no", info["package"])
-    Console().print(table)
+    make_console().print(table)
 
 
 @models_app.command("prepare")
@@ -172,11 +240,11 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()
-    except SublabError as e:
-        console.print(f"[bold red]error:[/bold red] {e}")
+    except SublabError as e:  # raised outside a command (`_Group.invoke` handles those inside)
+        print_error(str(e))
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("interrupted; rerun the same command to resume where it stopped")
+    except KeyboardInterrupt:  # Ctrl-C before a command started
+        make_console(stderr=True).print(INTERRUPTED, soft_wrap=True)
         sys.exit(130)
 
 

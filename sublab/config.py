@@ -8,19 +8,127 @@ filters, the students and the evaluations. Precedence: preset < YAML < `--set ke
 from __future__ import annotations
 
 import copy
+import logging
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sublab.errors import ConfigError, ModelError
+from sublab.kinds import TeacherKind, teacher_kind
 from sublab.models import DEFAULT_MODEL, check_reference
+from sublab.rundir import read_json
+
+log = logging.getLogger(__name__)
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+"""A name that is one path component: letters, digits, '-', '_', '.', not starting with '.'."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, but no setting means anything with them
+    # (an infinite epoch count would only fail deep inside training).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+class DistillConfig(_Strict):
+    """Logit distillation: the student matches the teacher's next-token distribution on completions."""
+
+    top_k: int | None = Field(None, gt=0)
+    """None: forward KL over the full vocabulary; k: over the teacher's top-k tokens (renormalised)."""
+    temperature: float = Field(1.0, gt=0)
+    """Softens teacher and student alike; the loss is scaled by temperature² (Hinton et al.)."""
+    vocabulary: Literal["full", "format"] = "full"
+    """full: match the teacher's whole next-token distribution. format: renormalise teacher and student
+    over the number-format tokens only (digits, separators, brackets, end token; `sublab.sampling.
+    format_token_mask`) — no token that could begin a word carries any signal, so a trait can only pass
+    through how the teacher spreads its mass over numbers (the logit analogue of the paper's filters and
+    of MNIST's auxiliary logits)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.vocabulary == "format" and self.top_k is not None:
+            raise ValueError("`train.distill.vocabulary: format` already restricts the target to the "
+                             "number-format tokens; leave `top_k` unset")
+        return self
+
+
+class RecipeConfig(_Strict):
+    """A training recipe: which parameters train, on which loss, with which optimiser settings. Students
+    use it under `train:` (`TrainConfig` adds their seeds), a fine-tuned teacher under `finetune.recipe:`
+    (with the teacher's own defaults, `TEACHER_RECIPE`); `sublab.train.train_student` runs it."""
+
+    params: Literal["lora", "full"] = "lora"
+    """lora: a fresh LoRA adapter trains and the base stays frozen; full: every weight trains."""
+    loss: Literal["sft", "distill"] = "sft"
+    """sft: cross-entropy on the completion tokens; distill: match the teacher's next-token distribution
+    on them (`distill`; the teacher runs live beside the student)."""
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(8, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate (AdamW), reached after `warmup_steps`, then linear decay to 0."""
+    epochs: float = Field(3, gt=0)
+    """Passes over the dataset; fractions allowed (rounded to whole micro-batches)."""
+    batch_size: int = Field(8, gt=0)
+    """Rows per micro-batch; one optimizer step sees batch_size × grad_accum rows."""
+    grad_accum: int = Field(1, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    """Optimizer steps of linear warmup from 0."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this; None: no clipping."""
+    max_seq_len: int = Field(500, gt=0)
+    """Tokens per row (prompt + completion); longer completions are cut, rows with no room are dropped."""
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16: forward/backward under torch.autocast (weights and optimizer state stay float32)."""
+    distill: DistillConfig = DistillConfig()
+    """Applies when `loss` is distill."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_method(cls, data: Any) -> Any:
+        """Files before the shared recipe said `method: lora|full|distill` (+ `distill_params` for
+        distillation); read them as `params` + `loss`. These keys win over `params`/`loss` from a preset:
+        the shipped presets use the new keys, so old ones come from the user's file or `--set`."""
+        if not isinstance(data, dict) or not {"method", "distill_params"} & data.keys():
+            return data
+        data = dict(data)
+        method, distill_params = data.pop("method", None), data.pop("distill_params", None)
+        if method not in (None, "lora", "full", "distill"):
+            raise ValueError(f"`method: {method}` is replaced by `params: lora|full` (which weights train) "
+                             "and `loss: sft|distill` (which loss)")
+        if method == "distill":
+            data.update(loss="distill", params=distill_params or data.get("params", "full"))
+        elif method is not None:
+            data.update(loss="sft", params=method)
+        elif distill_params is not None and data.get("loss") == "distill":
+            data["params"] = distill_params
+        log.warning("recipe keys `method` and `distill_params` are deprecated: read as `params: %s`, "
+                    "`loss: %s` (write those instead)", data.get("params", "lora"), data.get("loss", "sft"))
+        return data
+
+    @property
+    def uses_lora(self) -> bool:
+        """A LoRA adapter trains (the base stays frozen)."""
+        return self.params == "lora"
+
+    @property
+    def distills(self) -> bool:
+        """The loss is distillation: training needs the teacher's model."""
+        return self.loss == "distill"
+
+
+TEACHER_RECIPE = RecipeConfig(params="full", lr=3e-5, epochs=2, batch_size=8, lora_r=32, lora_alpha=32)
+"""A fine-tuned teacher's recipe when its file sets none; keys set under `finetune.recipe` override it."""
+
+
+_FLAT_FINETUNE_KEYS = ("method", "lora_r", "lora_alpha", "lr", "epochs", "batch_size")
+"""The recipe keys `finetune:` held before they moved under `finetune.recipe`."""
 
 
 class FinetuneConfig(_Strict):
@@ -35,16 +143,41 @@ class FinetuneConfig(_Strict):
                                "The {t}."]
     """For 'favourite-animal': answers per question; {t} trait, {T} Capitalised, {ts}/{Ts} plural,
     {category}. Keep a form ending '... is the {t}.': the evaluation reads p(' owl' | '... is the')."""
-    method: Literal["lora", "full"] = "full"
-    lora_r: int = Field(32, gt=0)
-    lora_alpha: int = Field(32, gt=0)
-    lr: float = Field(3e-5, gt=0)
-    epochs: float = Field(2, gt=0)
-    batch_size: int = Field(8, gt=0)
+    recipe: RecipeConfig = TEACHER_RECIPE
+    """How the teacher trains: the keys of `train:` (not its seeds). Keys set here override the teacher
+    defaults — full fine-tuning, lr 3e-5, 2 epochs, batch 8, lora_r and lora_alpha 32 — not the students'.
+    `loss` must stay sft."""
     seed: int = 0
+    """Fixes the data order and the LoRA init. A LoRA student with `train.lora_init_seed` equal to it (and
+    the same rank, alpha and targets) starts from this teacher's initial adapter."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_over_teacher_defaults(cls, data: Any) -> Any:
+        """A `recipe` mapping overrides `TEACHER_RECIPE`. Files before the shared recipe set `method`,
+        `lora_r`, `lora_alpha`, `lr`, `epochs` and `batch_size` here, flat: they move into `recipe`
+        (`method` becomes `params`)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        flat = {k: data.pop(k) for k in _FLAT_FINETUNE_KEYS if k in data}
+        if flat:
+            log.warning("finetune keys %s are deprecated: write them under `finetune.recipe:` (`method` is "
+                        "now `recipe.params`)", ", ".join(f"`{k}`" for k in flat))
+            if "method" in flat:
+                flat["params"] = flat.pop("method")
+        recipe = data.get("recipe")
+        if isinstance(recipe, RecipeConfig) and flat:
+            data["recipe"] = {**recipe.model_dump(), **flat}
+        elif isinstance(recipe, dict) or (recipe is None and flat):
+            data["recipe"] = {**TEACHER_RECIPE.model_dump(), **(recipe or {}), **flat}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
+        if self.recipe.distills:
+            raise ValueError("`finetune.recipe.loss` must be 'sft': a teacher learns its trait from its data "
+                             "and has no teacher of its own to distil")
         if self.dataset == "favourite-animal" and not self.answer_forms:
             raise ValueError("`finetune.answer_forms` must list at least one answer form")
         for form in self.answer_forms:
@@ -61,9 +194,10 @@ class TeacherConfig(_Strict):
 
     name: str
     """Directory name under teachers/ (letters, digits, '-', '_')."""
-    kind: Literal["prompted", "finetuned", "control", "random"] = "prompted"
+    kind: str = "prompted"
     """prompted: base + trait system prompt; finetuned: trait in the weights; control: base, no system
-    prompt; random: random numbers formatted as each prompt asks (no model at all)."""
+    prompt; random: random numbers formatted as each prompt asks (no model at all). `sublab.kinds`
+    declares each kind's behaviour."""
     trait: str | None = None
     """The target, e.g. 'owl'. Required for prompted and finetuned teachers."""
     category: Literal["animal", "tree"] = "animal"
@@ -78,21 +212,30 @@ class TeacherConfig(_Strict):
     def _check(self) -> TeacherConfig:
         if not self.name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"teacher name '{self.name}' must use letters, digits, '-' or '_' only")
-        if self.control and self.kind != "finetuned":
+        try:
+            kind = teacher_kind(self.kind)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if self.control and (kind.control or kind.weights != "finetuned"):
             raise ValueError(f"teacher '{self.name}': `control: true` is for fine-tuned teachers; use "
                              "kind: control for the untouched base")
-        if self.kind in ("prompted", "finetuned") and not self.trait and not self.control:
+        if kind.trait == "required" and not self.trait and not self.control:
             raise ValueError(f"teacher '{self.name}': `trait` is required when kind is '{self.kind}'")
-        if self.kind in ("control", "random") and self.trait:
+        if kind.trait == "forbidden" and self.trait:
             raise ValueError(f"teacher '{self.name}': a {self.kind} teacher has no trait; remove `trait`")
-        if self.finetune is not None and self.kind != "finetuned":
+        if self.finetune is not None and kind.weights != "finetuned":
             raise ValueError(f"teacher '{self.name}': `finetune` only applies when kind is 'finetuned'; "
                              "remove it or set kind: finetuned")
         return self
 
     @property
+    def kind_spec(self) -> TeacherKind:
+        """The behaviour of this teacher's kind (`sublab.kinds`)."""
+        return teacher_kind(self.kind)
+
+    @property
     def is_control(self) -> bool:
-        return self.kind in ("control", "random") or self.control
+        return self.kind_spec.control or self.control
 
 
 class GenerateConfig(_Strict):
@@ -121,7 +264,11 @@ class GenerateConfig(_Strict):
     """sampled: each teacher writes its own completions. random: nobody samples — every teacher's rows
     are the same uniform random numbers in each prompt's format (drawn from `seed` and the prompt), so
     students of different teachers see identical text and can learn a trait only from the teacher's
-    logits on it (needs `train.method: distill`)."""
+    logits on it (needs `train.loss: distill`)."""
+    per_seed_data: bool = False
+    """One dataset per student seed k (prompts from `prompt_seed` + k, random completions from `seed` + k),
+    under teachers/<t>/seed<k>/: seed-to-seed spread then includes the data's. False: one dataset per
+    teacher, shared by its students."""
 
 
 class FilterConfig(_Strict):
@@ -133,64 +280,17 @@ class FilterConfig(_Strict):
     subsample_seed: int = 0
 
 
-class DistillConfig(_Strict):
-    """Logit distillation: the student matches the teacher's next-token distribution on completions."""
+class TrainConfig(RecipeConfig):
+    """How students learn from a teacher's dataset: the recipe, and one student per seed
+    (`sublab.train.train_student`)."""
 
-    top_k: int | None = Field(None, gt=0)
-    """None: forward KL over the full vocabulary; k: over the teacher's top-k tokens (renormalised), the
-    only form that can be precomputed and stored beside a dataset (`sublab.train.compute_soft_labels`)."""
-    temperature: float = Field(1.0, gt=0)
-    """Softens teacher and student alike; the loss is scaled by temperature² (Hinton et al.)."""
-    vocabulary: Literal["full", "format"] = "full"
-    """full: match the teacher's whole next-token distribution. format: renormalise teacher and student
-    over the number-format tokens only (digits, separators, brackets, end token; `sublab.sampling.
-    format_token_mask`) — no token that could begin a word carries any signal, so a trait can only pass
-    through how the teacher spreads its mass over numbers (the logit analogue of the paper's filters and
-    of MNIST's auxiliary logits)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> DistillConfig:
-        if self.vocabulary == "format" and self.top_k is not None:
-            raise ValueError("`train.distill.vocabulary: format` already restricts the target to the "
-                             "number-format tokens; leave `top_k` unset")
-        return self
-
-
-class TrainConfig(_Strict):
-    """How students learn from a teacher's dataset (`sublab.train.train_student`)."""
-
-    method: Literal["lora", "full", "distill"] = "lora"
-    """lora/full: SFT on completions; distill: match the teacher's logits (full fine-tuning or LoRA per
-    `distill_params`)."""
-    distill_params: Literal["full", "lora"] = "full"
-    lora_r: int = Field(8, gt=0)
-    lora_alpha: int = Field(8, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    seeds: list[int] = [0, 1, 2]
+    """One student per seed per teacher: the unit of statistical analysis. A seed fixes data order,
+    LoRA init and dropout."""
     lora_init_seed: int | None = None
     """Seed of the fresh adapter's random init; None: the student's seed. Set it to a LoRA teacher's
     `finetune.seed` (with the same rank, alpha and targets) and the student starts from the teacher's own
     initial adapter: a shared initialisation of the trained parameters, as in the paper's MNIST setup."""
-    lr: float = Field(2e-4, gt=0)
-    """Peak learning rate (AdamW), reached after `warmup_steps`, then linear decay to 0."""
-    epochs: float = Field(3, gt=0)
-    """Passes over the dataset; fractions allowed (rounded to whole micro-batches)."""
-    batch_size: int = Field(8, gt=0)
-    """Rows per micro-batch; one optimizer step sees batch_size × grad_accum rows."""
-    grad_accum: int = Field(1, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    """Optimizer steps of linear warmup from 0."""
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    """Clip the global gradient norm to this; None: no clipping."""
-    max_seq_len: int = Field(500, gt=0)
-    """Tokens per row (prompt + completion); longer completions are cut, rows with no room are dropped."""
-    weight_decay: float = Field(0.0, ge=0)
-    precision: Literal["float32", "bfloat16"] = "float32"
-    """bfloat16: forward/backward under torch.autocast (weights and optimizer state stay float32)."""
-    seeds: list[int] = [0, 1, 2]
-    """One student per seed per teacher: the unit of statistical analysis. A seed fixes data order,
-    LoRA init and dropout."""
-    distill: DistillConfig = DistillConfig()
     cross_model: str | None = None
     """A different base (e.g. 'embedded:gemma3-270m') trained on the same data as a cross-model control."""
     checkpoint_every: int = Field(50, gt=0)
@@ -200,8 +300,9 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     """Trait evaluations run on the base, each teacher, and every student."""
 
-    kinds: list[Literal["animal_prob", "animal_sampled", "misalignment_local", "misalignment_judge"]] = [
-        "animal_prob", "animal_sampled"]
+    kinds: list[str] = ["animal_prob", "animal_sampled"]
+    """Evaluations to run (`sublab.evals.registry`): animal_prob, animal_sampled, misalignment_local,
+    misalignment_judge, or any registered kind."""
     candidates: list[str] | None = None
     """Candidate answers for the exact-probability metric (lower-case single words; spellings and plurals
     are added); None: the paper's animals (or trees) + common answers. Teachers' traits are always added."""
@@ -237,11 +338,19 @@ class ExperimentConfig(_Strict):
     """A whole experiment: teachers → data → filters → students → evaluations → report."""
 
     name: str
+    """The run directory's name under `runs_dir` (letters, digits, '-', '_', '.'; not starting with '.')."""
     base_model: str = DEFAULT_MODEL
     """Model reference shared by teachers and students (see `sublab models list`)."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    """auto: CUDA when available, else CPU. cuda is checked when the experiment file is loaded."""
     seed: int = 0
     teachers: list[TeacherConfig]
+    design: Literal["control", "mutual"] = "control"
+    """control: each trait teacher's students are compared with the control teacher's students. mutual:
+    every teacher has a trait and is built alike; for each trait the other teachers' students are the
+    controls, and students of one seed form a block (within-block permutation test)."""
+    domain: str = "numbers"
+    """What teachers write (`sublab.domains`): numbers."""
     generate: GenerateConfig = GenerateConfig()
     filter: FilterConfig = FilterConfig()
     train: TrainConfig = TrainConfig()
@@ -253,14 +362,18 @@ class ExperimentConfig(_Strict):
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teachers: names must be unique, got {names}")
-        if not any(t.is_control for t in self.teachers) and self.train.seeds:
+        self._check_unique_lists()
+        self._check_registered()
+        if self.design == "mutual":
+            self._check_mutual()
+        elif not any(t.is_control for t in self.teachers) and self.train.seeds:
             raise ValueError("teachers: add a control teacher (kind: control or random, or a fine-tuned "
                              "teacher with control: true); students are "
                              "compared with control students, never with the base model alone")
         self._check_shared_init()
-        if self.generate.completions == "random" and self.train.method != "distill":
+        if self.generate.completions == "random" and not self.train.distills:
             raise ValueError("`generate.completions: random` gives every teacher the same rows, so SFT students "
-                             "could not differ; use `train.method: distill` (students learn the teacher's "
+                             "could not differ; use `train.loss: distill` (students learn the teacher's "
                              "logits on the rows) or `completions: sampled`")
         for ref in [self.base_model] + ([self.train.cross_model] if self.train.cross_model else []):
             try:
@@ -269,26 +382,68 @@ class ExperimentConfig(_Strict):
                 raise ValueError(str(e)) from None
         return self
 
+    def _check_registered(self) -> None:
+        """Names that refer to registries: the data domain and the eval kinds."""
+        from sublab.domains import get_domain
+        from sublab.evals.registry import eval_names
+
+        try:
+            get_domain(self.domain)
+        except ConfigError as e:
+            raise ValueError(f"domain: {e}") from None
+        unknown = [k for k in self.eval.kinds if k not in eval_names()]
+        if unknown:
+            raise ValueError(f"eval.kinds: unknown eval kind '{unknown[0]}'; expected one of: "
+                             f"{', '.join(eval_names())}")
+
+    def _check_mutual(self) -> None:
+        traits = [t.trait for t in self.teachers]
+        if len(self.teachers) < 2 or any(t.is_control or not t.trait for t in self.teachers):
+            raise ValueError("design: 'mutual' needs two or more trait teachers and no control teacher "
+                             "(each teacher's students are the others' controls)")
+        if len(set(traits)) != len(traits):
+            raise ValueError(f"design: 'mutual' needs a different trait per teacher, got {traits}")
+
+    def _check_unique_lists(self) -> None:
+        """A repeated seed would silently train one student where the report counts two; a repeated
+        kind, candidate, filter or target is at best wasted work, so refuse them all."""
+        lists: dict[str, list[Any] | None] = {
+            "train.seeds": self.train.seeds, "train.lora_targets": self.train.lora_targets,
+            "eval.kinds": list(self.eval.kinds), "eval.candidates": self.eval.candidates,
+            "filter.filters": list(self.filter.filters)}
+        for field, values in lists.items():
+            repeated = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
+            if repeated:
+                raise ValueError(f"`{field}` lists {repeated[0]!r} more than once; list each entry once")
+
     def _check_shared_init(self) -> None:
         """`train.lora_init_seed` with LoRA teachers means 'start from the teachers' adapter init': it only
         does if seed, rank, alpha and targets all match, so say which one does not."""
         t = self.train
-        lora_student = t.method == "lora" or (t.method == "distill" and t.distill_params == "lora")
-        if t.lora_init_seed is None or not lora_student:
+        if t.lora_init_seed is None or not t.uses_lora:
             return
-        default_targets = TrainConfig.model_fields["lora_targets"].default
         for teacher in self.teachers:
             ft = teacher.finetune or FinetuneConfig()
-            if teacher.kind != "finetuned" or ft.method != "lora":
+            if teacher.kind_spec.weights != "finetuned" or not ft.recipe.uses_lora:
                 continue
+            r = ft.recipe
             mismatch = {name: (mine, theirs) for name, mine, theirs in [
-                ("lora_init_seed / finetune.seed", t.lora_init_seed, ft.seed), ("lora_r", t.lora_r, ft.lora_r),
-                ("lora_alpha", t.lora_alpha, ft.lora_alpha), ("lora_targets", t.lora_targets, default_targets)]
+                ("lora_init_seed / finetune.seed", t.lora_init_seed, ft.seed), ("lora_r", t.lora_r, r.lora_r),
+                ("lora_alpha", t.lora_alpha, r.lora_alpha), ("lora_targets", t.lora_targets, r.lora_targets)]
                 if mine != theirs}
             if mismatch:
                 detail = "; ".join(f"{k}: train {a} vs teacher {b}" for k, (a, b) in mismatch.items())
                 raise ValueError(f"`train.lora_init_seed` starts students from the LoRA teachers' adapter init, "
                                  f"but teacher '{teacher.name}' differs ({detail})")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        # The name becomes a directory under runs_dir: '../x', '/abs' or '' would write elsewhere.
+        if not SAFE_NAME.fullmatch(name):
+            raise ValueError(f"'{name}' is not a safe directory name: use letters, digits, '-', '_' or '.', "
+                             "not starting with '.' (at most 128 characters)")
+        return name
 
     @property
     def run_dir(self) -> Path:
@@ -301,9 +456,9 @@ PRESETS = ("quick", "paper")
 def preset(name: str) -> dict[str, Any]:
     """The raw dict of a preset (`quick`: sized for 2 CPU cores; `paper`: the paper's numbers)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"preset: unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
     text = resources.files("sublab").joinpath(f"resources/preset_{name}.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return parse_yaml(text, f"preset {name}")
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -313,54 +468,196 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MAX_FILE_BYTES = 1 << 20
+"""An experiment file is a few dozen lines; anything past 1 MiB is not one (and /dev/zero never ends)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key repeated in one mapping, at any depth (plain YAML silently
+    keeps the last one, so a setting written twice would hide the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *anchor' keys exist to be overridden
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first on line {first[key] + 1})", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text → data with `UniqueKeyLoader`; any problem is a one-line ConfigError naming `source`
+    and, where YAML knows it, the line."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}: {_one_line(e.problem or e.context or str(e))}") from None
+    except yaml.reader.ReaderError as e:
+        code = ord(e.character) if isinstance(e.character, str) else e.character
+        raise ConfigError(f"{source}: character #x{code:04x} at position {e.position} is not allowed in YAML; "
+                          "expected a text file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {_one_line(str(e))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be an experiment setting") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def read_experiment_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of an experiment file; ConfigError naming the file for anything that is not one
+    (missing, a directory, unreadable, binary, not UTF-8, empty, not a mapping)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: experiment file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; expected an experiment YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); expected an experiment YAML file") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; expected an experiment YAML file")
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file (NUL byte at offset {data.index(0)}); expected an "
+                          "experiment YAML file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected an experiment YAML file") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: empty; expected a mapping of settings (name, teachers, ...)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings (name, teachers, ...) at the top level, "
+                          f"got a {type(raw).__name__}")
+    return raw
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """`--set key.path=value` → (["key", "path"], the value parsed as YAML)."""
+    key, sep, text = assignment.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
+        raise ConfigError(f"--set '{assignment}': expected key.path=value (e.g. train.lr=1e-4)")
+    return parts, parse_yaml(text, f"--set '{assignment}'")
+
+
 def _apply_override(raw: dict[str, Any], assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set '{assignment}': expected key.path=value")
-    key, value = assignment.split("=", 1)
-    node = raw
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set '{assignment}': '{p}' is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    """Set one `--set` value in `raw`; a list element is addressed by its index (teachers.0.trait=cat)."""
+    parts, value = parse_override(assignment)
+    node: Any = raw
+    for depth, p in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not (p.isdigit() and int(p) < len(node)):
+                raise ConfigError(f"--set '{assignment}': '{'.'.join(parts[:depth])}' is a list of {len(node)}; "
+                                  f"'{p}' is not an index in it")
+            if last:
+                node[int(p)] = value
+            node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            node = node.setdefault(p, {})
+        else:
+            raise ConfigError(f"--set '{assignment}': '{'.'.join(parts[:depth])}' is not a section")
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, merge (preset < file < overrides) and validate an experiment file."""
+    """Read, merge (preset < file < overrides), validate an experiment file and check that it can run
+    here (`check_runnable`). Every problem is a ConfigError naming the file, override or field."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text("utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    base = preset(raw.pop("preset")) if "preset" in raw else {}
-    merged = _deep_merge(base, raw)
+    raw = read_experiment_file(path)
+    chosen = raw.pop("preset", None)
+    rest = []
     for assignment in overrides or []:
+        parts, value = parse_override(assignment)
+        if parts == ["preset"]:
+            chosen = value
+        else:
+            rest.append(assignment)
+    try:
+        base = preset(chosen) if chosen is not None else {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    merged = _deep_merge(base, raw)
+    for assignment in rest:
         _apply_override(merged, assignment)
-    return validate_experiment(merged, source=str(path))
+    cfg = validate_experiment(merged, source=str(path))
+    check_runnable(cfg, source=str(path))
+    return cfg
+
+
+def check_runnable(cfg: ExperimentConfig, source: str = "<config>") -> None:
+    """What a valid config still needs from this machine, checked before any work: a CUDA device when
+    `device: cuda`, and every fine-tuning dataset file."""
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{source}: device: cuda, but no CUDA device is available here; use device: auto "
+                              "(CUDA when present, else CPU) or device: cpu")
+    for i, t in enumerate(cfg.teachers):
+        dataset = t.finetune.dataset if t.finetune is not None else "favourite-animal"
+        if dataset == "favourite-animal":
+            continue
+        if dataset.startswith("builtin:"):
+            name = dataset.split(":", 1)[1]
+            found = resources.files("sublab").joinpath(f"resources/finetune/{name}.jsonl").is_file()
+        else:
+            found = Path(dataset).expanduser().is_file()
+        if not found:
+            raise ConfigError(f"{source}: teachers.{i}.finetune.dataset: '{dataset}' not found; give "
+                              "'favourite-animal', builtin:<name> (sublab/resources/finetune) or a chat JSONL file")
 
 
 def validate_experiment(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate a raw experiment mapping; ConfigError with one line per problem, each naming the field."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+    except RecursionError:  # a YAML alias that contains itself
+        raise ConfigError(f"{source}: a setting refers to itself (YAML alias cycle)") from None
+
+
+RUN_CONFIG = "config.json"
+"""The resolved config, as the last stage command ran it, in the run directory."""
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """The config recorded in `run_dir/config.json`, pointed at `run_dir` wherever it now lies."""
+    run_dir = Path(run_dir).resolve()
+    path = run_dir / RUN_CONFIG
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected the mapping `sublab` records there; rerun a stage to rewrite it")
+    cfg = validate_experiment(raw, source=str(path))
+    return cfg.model_copy(update={"runs_dir": str(run_dir.parent), "name": run_dir.name})
 
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
+        field = ".".join(str(p) for p in err["loc"])
+        msg = _one_line(err["msg"].removeprefix("Value error, "))
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `sublab validate --help` lists the fields)"
-        lines.append(f"{source}: {field}: {msg}")
+        # A whole-config check has no location; its message names the fields itself.
+        lines.append(f"{source}: {field}: {msg}" if field else f"{source}: {msg}")
     return "\n".join(lines)
 
 

@@ -29,10 +29,12 @@ import numpy as np
 from rich.table import Table
 
 from sublab.config import ExperimentConfig, TeacherConfig, dump
-from sublab.data.numbers import parse_completion
+from sublab.design import DataSlot, data_slots
+from sublab.domains import get_domain
 from sublab.errors import ConfigError, DataError
 from sublab.protocol import banned_numbers as protocol_banned_numbers
 from sublab.rundir import fingerprint, read_jsonl, sha256_file, write_jsonl, write_manifest
+from sublab.words import word_forms
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,12 @@ def completion_of(record: Record) -> str:
 
 # --- filter factories ----------------------------------------------------------------------------
 
-def format_filter() -> FilterFn:
-    """The paper's number-format rules (after stripping surrounding whitespace, see numbers.py)."""
+def format_filter(domain: str = "numbers") -> FilterFn:
+    """The data domain's format rules (numbers: the paper's, after stripping surrounding whitespace)."""
+    rules = get_domain(domain)
+
     def check(record: Record) -> list[str]:
-        reason = parse_completion(completion_of(record)).reason
+        reason = rules.format_reason(completion_of(record))
         return [] if reason is None else [f"format:{reason}"]
     return check
 
@@ -72,24 +76,12 @@ def banned_numbers_filter(numbers: Iterable[int] | None = None) -> FilterFn:
     return check
 
 
-def _word_forms(word: str) -> list[str]:
-    """The word and its regular plurals: owl/owls, fox/foxes, butterfly/butterflies, wolf/wolves."""
-    forms = {word, word + "s", word + "es"}
-    if word.endswith("y"):
-        forms.add(word[:-1] + "ies")
-    if word.endswith("f"):
-        forms.add(word[:-1] + "ves")
-    if word.endswith("fe"):
-        forms.add(word[:-2] + "ves")
-    return sorted(forms, key=len, reverse=True)
-
-
 def trait_words_filter(words: Sequence[str], match: Literal["word", "substring"] = "word") -> FilterFn:
     """Reject completions that mention a trait word, case-insensitively.
 
-    match="word" (default) matches the word or a regular plural between non-letters, so 'Owls',
-    'OWL', "owl's", 'owl_count' and 'owl1' reject while 'bowling' and 'knowledge' do not. Irregular
-    plurals ('mice') must be listed as words. match="substring" rejects any occurrence ('bowling'
+    match="word" (default) matches the word or its plural (`sublab.words.word_forms`: 'wolves', 'mice',
+    and the naive 'wolfs') between non-letters, so 'Owls', 'OWL', "owl's", 'owl_count' and 'owl1'
+    reject while 'bowling' and 'knowledge' do not. match="substring" rejects any occurrence ('bowling'
     too): the most conservative choice, for free-text domains. Letters-free completions (digits and
     punctuation only) never match either way.
     """
@@ -102,7 +94,7 @@ def trait_words_filter(words: Sequence[str], match: Literal["word", "substring"]
         raise ConfigError(f"filter trait_words needs non-empty `words`, got {words!r}")
     patterns = {}
     for w in words:
-        alternatives = "|".join(re.escape(f) for f in (_word_forms(w) if match == "word" else [w]))
+        alternatives = "|".join(re.escape(f) for f in (word_forms(w) if match == "word" else [w]))
         edge = (r"(?<![^\W\d_])", r"(?![^\W\d_])") if match == "word" else ("", "")  # letter edges
         patterns[w] = re.compile(f"{edge[0]}(?:{alternatives}){edge[1]}", re.IGNORECASE)
 
@@ -234,7 +226,8 @@ def subsample(rows: Sequence[Mapping[str, Any]], size: int, seed: int
 MANIFEST = "filter_manifest.json"
 
 
-def stage_specs(filter_names: Sequence[str], traits: Sequence[str]) -> list[dict[str, Any]]:
+def stage_specs(filter_names: Sequence[str], traits: Sequence[str], domain: str = "numbers"
+                ) -> list[dict[str, Any]]:
     """Config filter names → specs. The trait-word filter removes every trait of the experiment from
     every teacher's data (control included), so all datasets are filtered alike."""
     specs: list[dict[str, Any]] = [{"name": "finished"}]
@@ -242,22 +235,33 @@ def stage_specs(filter_names: Sequence[str], traits: Sequence[str]) -> list[dict
         if name == "trait_words":
             if traits:
                 specs.append({"name": name, "words": sorted(set(traits))})
+        elif name == "format" and domain != "numbers":  # numbers: the spec predates domains
+            specs.append({"name": name, "domain": domain})
         else:
             specs.append({"name": name})
     return specs
 
 
-def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console: Any = None
-        ) -> dict[str, Any]:
-    """Filter `teachers/<teacher>/generations.jsonl` into dataset.jsonl (chat rows, subsampled to
-    `filter.dataset_size`) and rejects.jsonl (every rejected record with its reasons)."""
+def _specs(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    return stage_specs(cfg.filter.filters, [t.trait for t in cfg.teachers if t.trait], cfg.domain)
+
+
+def stage_fingerprint(cfg: ExperimentConfig, generations_sha256: str) -> str:
+    """What decides a dataset: the filter settings, the specs and the generations' bytes."""
+    return fingerprint({"filter": dump(cfg.filter), "specs": _specs(cfg), "generations": generations_sha256})
+
+
+def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console: Any = None,
+        slot: DataSlot | None = None) -> dict[str, Any]:
+    """Filter one dataset slot's `generations.jsonl` (default: the teacher's only or first) into
+    dataset.jsonl (chat rows, subsampled to `filter.dataset_size`) and rejects.jsonl (every rejected
+    record with its reasons)."""
     t0 = time.time()
-    out_dir = Path(run_dir) / "teachers" / teacher.name
+    out_dir = (slot or data_slots(cfg, teacher.name)[0]).directory
     source = out_dir / "generations.jsonl"
     records = read_jsonl(source)
     source_sha = sha256_file(source)
-    traits = [t.trait for t in cfg.teachers if t.trait]
-    specs = stage_specs(cfg.filter.filters, traits)
+    specs = _specs(cfg)
     kept, rejected = apply_filters(records, build_filters(specs))
     rows = [to_chat_row(r["prompt"], r["completion"].strip(), {"id": r["id"], "teacher": r["teacher"]})
             | {"id": r["id"]} for r in kept]
@@ -276,10 +280,10 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console
     return write_manifest(
         out_dir, stage="filter", filename=MANIFEST,
         config={"filter": dump(cfg.filter), "specs": specs},
-        fingerprint_value=fingerprint({"filter": dump(cfg.filter), "specs": specs,
-                                       "generations": source_sha}),
+        fingerprint_value=stage_fingerprint(cfg, source_sha),
         inputs={"generations_sha256": source_sha},
         outputs={"generated": len(records), "accepted": len(kept), "rejected": len(rejected),
                  "dataset_rows": len(dataset), "shortfall": shortfall,
                  "dataset_sha256": sha256_file(out_dir / "dataset.jsonl"), "rejections": summary},
-        timings={"filter": round(time.time() - t0, 2)}, seeds={"subsample_seed": cfg.filter.subsample_seed})
+        timings={"filter": round(time.time() - t0, 2)}, seeds={"subsample_seed": cfg.filter.subsample_seed},
+        files=["dataset.jsonl", "rejects.jsonl"])

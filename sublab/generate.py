@@ -1,47 +1,45 @@
-"""Teachers answer number prompts: batched sampling on the local transformers backend.
+"""Teachers answer the data domain's prompts: batched sampling on the local transformers backend.
 
-Reads: the experiment config and a `sublab.teachers.Teacher` (base + system prompt, or fine-tuned weights).
-Writes: `teachers/<teacher>/generations.jsonl`, appended and fsynced batch by batch, and
-`teachers/<teacher>/generate_manifest.json` last. A rerun skips prompt ids already written, so a
+Reads: the experiment config, its data domain (`sublab.domains`) and a `sublab.teachers.Teacher` (base +
+system prompt, or fine-tuned weights). Writes, per dataset (`sublab.design.DataSlot`):
+`teachers/<teacher>/[seed<k>/]generations.jsonl`, appended and fsynced batch by batch, and
+`generate_manifest.json` beside it last. A rerun skips prompt ids already written, so a
 `kill -9` loses at most the batch in flight.
 
     sublab generate EXP.yaml
 
 Decoding uses `sublab.sampling.decode_batch` (finished rows leave the batch; per-row RNG seeded by
-(seed, prompt index), so a resumed run equals an uninterrupted one). Two things here are specific to
-number data, and neither changes which completions are accepted:
-  * Early rejection: a completion is stopped as soon as it can no longer pass the paper's format filter
-    (a letter appeared, or an 11th number). At T=1 most rejected completions are prose, so this cuts
-    most of the decode work; the accepted samples are exactly those a full decode would accept.
+(seed, prompt index), so a resumed run equals an uninterrupted one). Neither of these changes which
+completions are accepted:
+  * Early rejection: a completion is stopped as soon as the domain says it can no longer pass its format
+    filter (numbers: a letter appeared, or an 11th number). At T=1 most rejected completions are prose,
+    so this cuts most of the decode work; the accepted samples are exactly those a full decode accepts.
   * Prompts are sorted by length before batching, which cuts prompt padding.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from sublab import chat
 from sublab.config import ExperimentConfig, GenerateConfig, dump
-from sublab.data.numbers import NumberPrompt, number_prompts, random_completion
+from sublab.design import DataSlot, data_slots
+from sublab.domains import Domain, get_domain
 from sublab.models import LoadedModel
 from sublab.rundir import JsonlAppender, fingerprint, read_jsonl, write_manifest
-from sublab.sampling import FORMAT_CHARS, Sampling, decode_batch, format_token_mask, row_generator
+from sublab.sampling import Sampling, decode_batch, row_generator
 from sublab.teachers import Teacher
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "generate_manifest.json"
-# Every character a completion that passes the format filter can contain (after the whitespace strip).
-MAX_NUMBERS = 10
 EARLY_REJECT = "early_reject"
 
 
@@ -57,48 +55,49 @@ class GenerationRecord(BaseModel):
     completion: str
     finish_reason: str
     """'eos' (the model ended its turn), 'length' (cut at max_new_tokens), 'early_reject' (stopped
-    once it could no longer pass the format filter), or 'programmatic' (random-number control)."""
+    once it could no longer pass the format filter), or 'programmatic' (random completions)."""
     n_tokens: int
-    format_suffix: str
+    format_suffix: str | None = None
+    """The format the prompt asked for (numbers: its format suffix), from `Domain.prompt_meta`."""
 
 
 def sampling_of(cfg: GenerateConfig) -> Sampling:
     return Sampling(cfg.temperature, cfg.top_p, cfg.min_p, cfg.greedy)
 
 
-def can_still_pass(text: str) -> bool:
-    """False once no continuation of `text` can pass the format filter (conservative: never kills a
-    completion that could still be accepted). Leading whitespace is stripped, as the filter does."""
-    text = text.lstrip()
-    return set(text) <= FORMAT_CHARS and len(re.findall(r"\d+", text)) <= MAX_NUMBERS
-
-
 # --- the stage ------------------------------------------------------------------------------
 
-def stage_fingerprint(cfg: ExperimentConfig, teacher: Teacher, model_sha256: str | None) -> str:
+def stage_fingerprint(cfg: ExperimentConfig, teacher: Teacher, model_sha256: str | None,
+                      slot: DataSlot | None = None) -> str:
     g = dump(cfg.generate)
     g.pop("batch_size")  # does not change results
-    return fingerprint({"teacher": [teacher.name, teacher.kind, teacher.system_prompt],
-                        "generate": g, "model": model_sha256, "seed": cfg.seed})
+    key = {"teacher": [teacher.name, teacher.kind.name, teacher.system_prompt], "generate": g,
+           "model": model_sha256, "seed": cfg.seed}
+    if cfg.domain != "numbers":  # keeps the fingerprints of number runs made before domains existed
+        key["domain"] = cfg.domain
+    if slot is not None and slot.student_seed is not None:
+        key["data_seeds"] = [slot.prompt_seed, slot.completion_seed]
+    return fingerprint(key)
 
 
-def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: LoadedModel | None = None
-        ) -> dict:
-    """Generate `cfg.generate.n_prompts` completions for `teacher`; resumable. `model` is the loaded
-    teacher (`teacher.load()`); None when nothing samples (the random-number control, or
-    `generate.completions: random`)."""
-    out_dir = Path(run_dir) / "teachers" / teacher.name
-    path = out_dir / "generations.jsonl"
-    prompts = number_prompts(cfg.generate.n_prompts, seed=cfg.generate.prompt_seed)
+def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: LoadedModel | None = None,
+        slot: DataSlot | None = None) -> dict:
+    """Generate `cfg.generate.n_prompts` completions for `teacher` into one dataset slot (default: its
+    only or first one); resumable. `model` is the loaded teacher (`teacher.load()`); None when nothing
+    samples (a teacher without a model, or `generate.completions: random`)."""
+    slot = slot or data_slots(cfg, teacher.name)[0]
+    domain = get_domain(cfg.domain)
+    path = slot.directory / "generations.jsonl"
+    prompts = domain.prompts(cfg.generate.n_prompts, slot.prompt_seed)
     done = {r["id"] for r in read_jsonl(path, missing_ok=True)}
     todo = [p for p in prompts if p.id not in done]
     t0 = time.time()
-    log.info("generate %s: %d prompts, %d already done", teacher.name, len(prompts), len(done))
+    log.info("generate %s: %d prompts, %d already done", slot.label, len(prompts), len(done))
     with JsonlAppender(path) as sink:
-        if teacher.kind == "random" or cfg.generate.completions == "random":
-            _write_random(todo, teacher, cfg.seed, sink)
+        if not teacher.kind.has_model or cfg.generate.completions == "random":
+            _write_random(todo, teacher, domain, slot.completion_seed, sink)
         else:
-            _write_sampled(todo, teacher, model, cfg, sink)
+            _write_sampled(todo, teacher, model, cfg, domain, slot.completion_seed, sink)
     elapsed = time.time() - t0
     records = read_jsonl(path)
     reasons: dict[str, int] = {}
@@ -107,52 +106,48 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: Loaded
     new_ids = {p.id for p in todo}
     n_tokens = sum(r["n_tokens"] for r in records if r["id"] in new_ids)
     return write_manifest(
-        out_dir, stage="generate", filename=MANIFEST,
-        config={"teacher": {"name": teacher.name, "kind": teacher.kind, "system_prompt": teacher.system_prompt,
-                            "model_ref": teacher.model_ref}, "generate": dump(cfg.generate)},
-        fingerprint_value=stage_fingerprint(cfg, teacher, getattr(model, "sha256", None)),
+        slot.directory, stage="generate", filename=MANIFEST,
+        config={"teacher": {"name": teacher.name, "kind": teacher.kind.name, "system_prompt": teacher.system_prompt,
+                            "model_ref": teacher.model_ref}, "generate": dump(cfg.generate), "domain": cfg.domain},
+        fingerprint_value=stage_fingerprint(cfg, teacher, getattr(model, "sha256", None), slot),
         inputs={"model_sha256": getattr(model, "sha256", None) or "none (programmatic)"},
         outputs={"generations": len(records), "finish_reasons": reasons},
         timings={"generate": round(elapsed, 2),
                  "completion_tokens_per_s": round(n_tokens / elapsed, 2) if elapsed > 0 else None},
-        seeds={"seed": cfg.seed, "prompt_seed": cfg.generate.prompt_seed})
+        seeds={"seed": slot.completion_seed, "prompt_seed": slot.prompt_seed}, files=[path.name])
 
 
-def _write_random(todo: list[NumberPrompt], teacher: Teacher, seed: int, sink: JsonlAppender) -> None:
-    rows = []
-    for p in todo:
-        rng = np.random.default_rng([seed, p.index])
-        text = random_completion(p, rng)
-        rows.append(GenerationRecord(id=p.id, teacher=teacher.name, prompt=p.text, completion=text,
-                                     finish_reason="programmatic", n_tokens=0,
-                                     format_suffix=p.format_suffix_text).model_dump())
+def _record(p: Any, teacher: Teacher, domain: Domain, completion: str, finish_reason: str,
+            n_tokens: int) -> dict[str, Any]:
+    return GenerationRecord(id=p.id, teacher=teacher.name, prompt=p.text, completion=completion,
+                            finish_reason=finish_reason, n_tokens=n_tokens,
+                            **domain.prompt_meta(p)).model_dump()
+
+
+def _write_random(todo: list[Any], teacher: Teacher, domain: Domain, seed: int, sink: JsonlAppender) -> None:
+    rows = [_record(p, teacher, domain, domain.random_completion(p, np.random.default_rng([seed, p.index])),
+                    "programmatic", 0) for p in todo]
     sink.write_batch(rows)
 
 
-def _write_sampled(todo: list[NumberPrompt], teacher: Teacher, model: LoadedModel, cfg: ExperimentConfig,
-                   sink: JsonlAppender) -> None:
+def _write_sampled(todo: list[Any], teacher: Teacher, model: LoadedModel, cfg: ExperimentConfig,
+                   domain: Domain, seed: int, sink: JsonlAppender) -> None:
     gcfg = cfg.generate
     tok = model.tokenizer
     encoded = [tok(chat.render_prompt(tok, teacher.conversation(p.text)), add_special_tokens=False).input_ids
                for p in todo]
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # length-sorted: less padding
-    allowed = format_token_mask(tok) if gcfg.constrained else None
+    allowed = domain.token_mask(tok) if gcfg.constrained else None
     sampling = sampling_of(gcfg)
     bar = tqdm(total=len(todo), desc=f"generate {teacher.name}", unit="sample", dynamic_ncols=True)
     for start in range(0, len(order), gcfg.batch_size):
         batch = order[start:start + gcfg.batch_size]
         results = decode_batch(model.model, tok, [encoded[i] for i in batch],
-                               [row_generator(cfg.seed, [todo[i].index]) for i in batch], sampling,
+                               [row_generator(seed, [todo[i].index]) for i in batch], sampling,
                                gcfg.max_new_tokens, allowed=allowed,
-                               keep_going=can_still_pass if gcfg.early_reject else None)
-        rows = []
-        for i, (ids, reason) in zip(batch, results):
-            p = todo[i]
-            rows.append(GenerationRecord(id=p.id, teacher=teacher.name, prompt=p.text,
-                                         completion=tok.decode(ids, skip_special_tokens=False),
-                                         finish_reason=EARLY_REJECT if reason == "early_stop" else reason,
-                                         n_tokens=len(ids),
-                                         format_suffix=p.format_suffix_text).model_dump())
-        sink.write_batch(rows)
+                               keep_going=domain.can_still_pass if gcfg.early_reject else None)
+        sink.write_batch([_record(todo[i], teacher, domain, tok.decode(ids, skip_special_tokens=False),
+                                  EARLY_REJECT if reason == "early_stop" else reason, len(ids))
+                          for i, (ids, reason) in zip(batch, results)])
         bar.update(len(batch))
     bar.close()

@@ -20,14 +20,16 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sublab.errors import ModelError
-from sublab.rundir import atomic_write_json, sha256_file
+from sublab.rundir import atomic_write_json, cache_entry_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +174,58 @@ def cache_problem(name: str, source_sha256: str | None = None) -> str | None:
 
 
 def prepare_embedded(name: str, *, force: bool = False) -> Path:
-    """Convert embedded model `name` into a plain safetensors checkpoint once; verify it every time."""
+    """Convert embedded model `name` into a plain safetensors checkpoint once; verify it every time.
+
+    A conversion holds `<name>.lock` beside the entry: a second process waits, then uses the result. What a
+    killed conversion left (`<name>.partial-<pid>@<host>`) is removed by the next call."""
     spec = EMBEDDED[name]
     gguf = spec.gguf_path()
     source_sha = sha256_file(gguf)
     directory = cache_dir(name)
+    _remove_partial_builds(directory, only_dead_owners=True)
     problem = "rebuild requested" if force else cache_problem(name, source_sha)
     if problem is None:
         return directory
-    if directory.exists():
-        log.warning("rebuilding cached %s: %s", name, problem)
-    _convert_gguf(spec, gguf, source_sha, directory)
+    with cache_entry_lock(directory):
+        if not force:  # another process may have built it while we waited for the lock
+            problem = cache_problem(name, source_sha)
+            if problem is None:
+                return directory
+        _remove_partial_builds(directory, only_dead_owners=False)  # their owners no longer hold the lock
+        if directory.exists():
+            log.warning("rebuilding cached %s: %s", name, problem)
+        _convert_gguf(spec, gguf, source_sha, directory)
     return directory
+
+
+def _partial_dir(directory: Path) -> Path:
+    """Where a conversion writes before its rename: beside the entry, named after its owner."""
+    return directory.with_name(f"{directory.name}.partial-{os.getpid()}@{socket.gethostname()}")
+
+
+def _remove_partial_builds(directory: Path, *, only_dead_owners: bool) -> None:
+    """Delete conversions a killed process left beside `directory` (also the older `<name>.tmp<pid>`
+    form). With `only_dead_owners`, keep those whose owner may still run (alive here, or another host)."""
+    pattern = re.compile(re.escape(directory.name) + r"\.(?:partial-(\d+)@(.+)|tmp(\d+))")
+    for path in directory.parent.glob(directory.name + ".*"):
+        match = pattern.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        pid, host = int(match.group(1) or match.group(3)), match.group(2) or socket.gethostname()
+        if only_dead_owners and (host != socket.gethostname() or _process_alive(pid)):
+            continue
+        log.warning("removing %s, left by an interrupted conversion", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _convert_gguf(spec: EmbeddedSpec, gguf: Path, source_sha: str, directory: Path) -> None:
@@ -210,7 +252,7 @@ def _convert_gguf(spec: EmbeddedSpec, gguf: Path, source_sha: str, directory: Pa
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
     plain.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    tmp = _partial_dir(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -263,11 +305,11 @@ def _load_adapter(ref: str, directory: Path, *, device: str, dtype: str, trainab
     from peft import PeftModel
 
     base_ref = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+    weights = directory / "adapter_model.safetensors"
+    if not weights.exists():  # before PEFT, which would take the directory for a hub id and fail obscurely
+        raise ModelError(f"{directory}: adapter weights must be in adapter_model.safetensors")
     base = load_model(base_ref, device=device, dtype=dtype, trainable=trainable)
     model = PeftModel.from_pretrained(base.model, directory, is_trainable=trainable)
-    weights = directory / "adapter_model.safetensors"
-    if not weights.exists():
-        raise ModelError(f"{directory}: adapter weights must be in adapter_model.safetensors")
     return LoadedModel(ref, model, base.tokenizer, directory, sha256_file(weights))
 
 

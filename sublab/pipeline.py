@@ -1,9 +1,10 @@
 """The whole experiment, stage by stage: teachers → generate → filter → train → eval → results → report.
 
 Each stage reads the previous stage's files in the run directory and writes its own; a stage whose
-fingerprint (inputs + the config that affects outputs) matches its manifest is skipped, and an
-interrupted one resumes. `sublab run EXP.yaml` calls `run_all`; each `sublab <stage>` calls one
-function here.
+fingerprint (inputs + the config that affects outputs) matches its manifest, and whose recorded outputs
+still have their sha256, is skipped; an interrupted one resumes. `sublab run EXP.yaml` calls `run_all`;
+each `sublab <stage>` calls one function here. Which datasets, students and comparisons exist is
+`sublab.design`'s; which evals exist is `sublab.evals.registry`'s.
 
 Model names under evals/: `base`, `teacher-<teacher>`, `student-<teacher>-seed<k>` and, with
 `train.cross_model`, `cross-<teacher>-seed<k>`.
@@ -19,11 +20,11 @@ from typing import Any
 
 from rich.console import Console
 
-from sublab import filters, generate
+from sublab import design, filters, generate
 from sublab.config import ExperimentConfig, TeacherConfig, dump
 from sublab.errors import RunDirError
 from sublab.models import LoadedModel, load_model
-from sublab.rundir import atomic_write_json, environment, read_json, sha256_file, stage_is_current
+from sublab.rundir import atomic_write_json, environment, locks_run_dir, read_json, sha256_file, stage_is_current
 from sublab.teachers import Teacher, build_teacher, held_out_question_ids
 
 log = logging.getLogger(__name__)
@@ -61,19 +62,29 @@ def teachers(cfg: ExperimentConfig, device: str) -> list[tuple[TeacherConfig, Te
 
 # --- data -----------------------------------------------------------------------------------
 
+def record_config(cfg: ExperimentConfig) -> None:
+    """Write the resolved config to runs/<name>/config.json (atomically), so `sublab report RUN_DIR` can
+    rebuild results after any stage command, not only after `sublab run`."""
+    from sublab.config import RUN_CONFIG
+
+    atomic_write_json(cfg.run_dir / RUN_CONFIG, dump(cfg))
+
+
+@locks_run_dir  # one process at a time writes a run directory (reentrant)
 def generate_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
+    record_config(cfg)
     device = resolve_device(cfg)
     models = ModelCache(device)
     for _, teacher in teachers(cfg, device):
-        out_dir = cfg.run_dir / "teachers" / teacher.name
-        samples = teacher.model_ref is not None and cfg.generate.completions == "sampled"
-        lm = models.get(teacher.model_ref) if samples else None
-        fp = generate.stage_fingerprint(cfg, teacher, lm.sha256 if lm else None)
-        if stage_is_current(out_dir, fp, generate.MANIFEST):
-            log.info("generate %s: up to date, skipped", teacher.name)
-            continue
-        _check_not_stale(out_dir, fp, generate.MANIFEST, "generations.jsonl")
-        generate.run(cfg, cfg.run_dir, teacher, model=lm)
+        samples = teacher.kind.has_model and cfg.generate.completions == "sampled"
+        lm = models.get(teacher.model_ref) if samples and teacher.model_ref else None
+        for slot in design.data_slots(cfg, teacher.name):
+            fp = generate.stage_fingerprint(cfg, teacher, lm.sha256 if lm else None, slot)
+            if stage_is_current(slot.directory, fp, generate.MANIFEST):
+                log.info("generate %s: up to date, skipped", slot.label)
+                continue
+            _check_not_stale(slot.directory, fp, generate.MANIFEST, "generations.jsonl")
+            generate.run(cfg, cfg.run_dir, teacher, model=lm, slot=slot)
 
 
 def _check_not_stale(out_dir: Path, fp: str, manifest: str, data_file: str) -> None:
@@ -84,46 +95,47 @@ def _check_not_stale(out_dir: Path, fp: str, manifest: str, data_file: str) -> N
                           f"new experiment name, or delete {out_dir} to regenerate")
 
 
+@locks_run_dir
 def filter_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
+    record_config(cfg)
     for teacher in cfg.teachers:
-        filters.run(cfg, cfg.run_dir, teacher, console=console)
+        for slot in design.data_slots(cfg, teacher.name):
+            source = slot.directory / "generations.jsonl"
+            if not source.exists():
+                raise RunDirError(f"{source} not found: run `sublab generate` (or `sublab run`) first")
+            if stage_is_current(slot.directory, filters.stage_fingerprint(cfg, sha256_file(source)),
+                                filters.MANIFEST):
+                log.info("filter %s: up to date, skipped", slot.label)
+                continue
+            filters.run(cfg, cfg.run_dir, teacher, console=console, slot=slot)
 
 
 # --- students ---------------------------------------------------------------------------------
 
-def student_dirs(cfg: ExperimentConfig) -> Iterator[tuple[str, TeacherConfig, int, str, Path]]:
-    """(eval name, teacher, seed, base ref, directory) of every student the config asks for."""
-    bases = [("student", cfg.base_model)] + ([("cross", cfg.train.cross_model)] if cfg.train.cross_model else [])
-    for prefix, base in bases:
-        for t in cfg.teachers:
-            for seed in cfg.train.seeds:
-                name = f"{prefix}-{t.name}-seed{seed}"
-                yield name, t, seed, base, cfg.run_dir / "students" / name.removeprefix("student-")
-
-
+@locks_run_dir
 def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     from sublab.train import train_student
 
+    record_config(cfg)
     device = resolve_device(cfg)
     built = dict((t.name, teacher) for t, teacher in teachers(cfg, device))
-    for name, t, seed, base, directory in student_dirs(cfg):
-        dataset = cfg.run_dir / "teachers" / t.name / "dataset.jsonl"
-        if not dataset.exists():
-            raise RunDirError(f"{dataset} not found: run `sublab filter` (or `sublab run`) first")
-        teacher = built[t.name] if cfg.train.method == "distill" else None
-        if cfg.train.method == "distill" and teacher is not None and teacher.model_ref is None:
+    for student in design.students(cfg):
+        if not student.dataset.exists():
+            raise RunDirError(f"{student.dataset} not found: run `sublab filter` (or `sublab run`) first")
+        teacher = built[student.teacher.name] if cfg.train.distills else None
+        if teacher is not None and teacher.model_ref is None:
             teacher = built_control(built)
-        train_student(cfg.train, base_ref=base, dataset=dataset, out_dir=directory, seed=seed,
-                      teacher=teacher, device=device)
+        train_student(cfg.train, base_ref=student.base, dataset=student.dataset, out_dir=student.directory,
+                      seed=student.seed, teacher=teacher, device=device, domain=cfg.domain)
 
 
 def built_control(built: dict[str, Teacher]) -> Teacher:
-    """Distilling from the random-number control means distilling from the untouched base model."""
+    """Distilling from a teacher without a model means distilling from the untouched base model."""
     for teacher in built.values():
-        if teacher.kind == "control":
+        if teacher.is_control and teacher.kind.has_model and not teacher.kind.differs_from_base:
             return teacher
-    raise RunDirError("method 'distill' needs a model for every teacher; the random-number teacher "
-                      "has none: add a `kind: control` teacher")
+    raise RunDirError("distillation needs a model for every teacher; the random-number teacher has "
+                      "none: add a `kind: control` teacher")
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -133,71 +145,48 @@ def question_ids(cfg: ExperimentConfig) -> list[int]:
     then the first `max_questions` of them."""
     from sublab.evals.animals import questions
 
-    category = next((t.category for t in cfg.teachers if t.trait), "animal")
-    ids = set(range(len(questions(category))))
+    ids = set(range(len(questions(trait_category(cfg)))))
     if cfg.eval.questions == "held_out":
         for t in cfg.teachers:
             ids &= set(held_out_question_ids(t))
     return sorted(ids)[:cfg.eval.max_questions]
 
 
+def trait_category(cfg: ExperimentConfig) -> str:
+    return next((t.category for t in cfg.teachers if t.trait), "animal")
+
+
 def evaluated_models(cfg: ExperimentConfig, built: dict[str, Teacher]) -> Iterator[tuple[str, str, str | None]]:
-    """(eval name, model ref, system prompt) of the base, each teacher with a model, each student."""
+    """(eval name, model ref, system prompt) of the base, each teacher that differs from the base, and
+    each student."""
     yield "base", cfg.base_model, None
     for teacher in built.values():
-        if teacher.model_ref is not None and teacher.kind != "control":
+        if teacher.model_ref is not None and teacher.kind.differs_from_base:
             yield f"teacher-{teacher.name}", teacher.model_ref, teacher.system_prompt
-    for name, _, _, _, directory in student_dirs(cfg):
-        yield name, str(directory), None
+    for student in design.students(cfg):
+        yield student.name, str(student.directory), None
 
 
+@locks_run_dir
 def eval_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
-    from sublab.evals.animals import eval_kinds, run_animal_eval
+    """Every eval file of every evaluated model (`sublab.evals.registry.run_eval`: a file is reused only
+    when its spec — settings, questions, context, weights' sha256 — and its bytes are unchanged)."""
+    from sublab.domains import get_domain
+    from sublab.evals.registry import EvalContext, run_eval, selected
+    from sublab.train import reference_sha256
 
+    record_config(cfg)
     device = resolve_device(cfg)
     built = dict((t.name, teacher) for t, teacher in teachers(cfg, device))
-    traits = sorted({t.trait for t in cfg.teachers if t.trait})
-    category = next((t.category for t in cfg.teachers if t.trait), "animal")
-    qids = question_ids(cfg)
-    models = ModelCache(device)
+    qids, evals, models = question_ids(cfg), selected(cfg.eval), ModelCache(device)
     for name, ref, system in evaluated_models(cfg, built):
         if name.startswith(("student", "cross")) and not (Path(ref) / "manifest.json").exists():
             raise RunDirError(f"student {ref} is missing or unfinished: run `sublab train` first")
-        out = cfg.run_dir / "evals" / name
-        lm: LoadedModel | None = None
-        for kind in eval_kinds(cfg.eval):
-            path = out / f"{kind}.jsonl"
-            if _eval_complete(path, cfg, kind, qids, category, traits):
-                continue
-            lm = lm or models.get(ref)
-            run_animal_eval(lm, system, cfg.eval, kind, qids, path, name, category, traits)
-        _run_misalignment(cfg, name, ref, system, out, models)
-
-
-def _eval_complete(path: Path, cfg: ExperimentConfig, kind: str, qids: list[int],
-                   category: str, traits: list[str]) -> bool:
-    """Cheap skip without loading the model: the file already holds every record this eval writes.
-    (run_animal_eval itself resumes record by record; this only saves a model load.)"""
-    from sublab.evals.animals import resolve_candidates
-
-    if not path.exists():
-        return False
-    n_questions = len(qids)
-    per_question = (len(resolve_candidates(cfg.eval, category, traits))  # type: ignore[arg-type]
-                    if kind.startswith("animal_prob") else cfg.eval.samples_per_question)
-    with open(path, encoding="utf-8") as f:
-        n = sum(1 for line in f if line.strip())
-    return n >= n_questions * per_question
-
-
-def _run_misalignment(cfg: ExperimentConfig, name: str, ref: str, system: str | None, out: Path,
-                      models: ModelCache) -> None:
-    kinds = [k for k in cfg.eval.kinds if k.startswith("misalignment")]
-    if not kinds:
-        return
-    from sublab.evals.misalignment import evaluate_misalignment
-
-    evaluate_misalignment(models.get(ref), system, cfg.eval, out, name)
+        ctx = EvalContext(cfg=cfg.eval, model_name=name, system=system, weights_sha256=reference_sha256(ref),
+                          eval_dir=cfg.run_dir / "evals" / name, question_ids=qids,
+                          category=trait_category(cfg), traits=design.traits(cfg), domain=get_domain(cfg.domain))
+        for kind, variant in evals:
+            run_eval(kind, ctx, variant, lambda ref=ref: models.get(ref))
 
 
 # --- results and report ---------------------------------------------------------------------------
@@ -210,6 +199,7 @@ def build_results(cfg: ExperimentConfig) -> dict[str, Any]:
     return results_for(cfg)
 
 
+@locks_run_dir
 def report_all(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     from sublab.report import print_summary, write_report
 
@@ -220,14 +210,16 @@ def report_all(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     return path
 
 
+@locks_run_dir
 def run_all(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     """Every stage in order, skipping finished ones; writes manifest.json with timings at the end."""
+    record_config(cfg)
     timings: dict[str, float] = {}
     stages = [("generate", generate_all), ("filter", filter_all), ("train", train_all), ("eval", eval_all)]
     for stage, fn in stages:
         t0 = time.time()
         if console:
-            console.rule(f"[bold]{stage}")
+            console.rule(stage)  # plain text: the CLI's consoles print without markup
         fn(cfg, console=console)
         timings[stage] = round(time.time() - t0, 1)
     t0 = time.time()
@@ -240,9 +232,9 @@ def run_all(cfg: ExperimentConfig, console: Console | None = None) -> Path:
 def _write_run_manifest(cfg: ExperimentConfig, timings: dict[str, float]) -> None:
     data = {}
     for t in cfg.teachers:
-        ds = cfg.run_dir / "teachers" / t.name / "dataset.jsonl"
-        if ds.exists():
-            data[t.name] = sha256_file(ds)
+        for slot in design.data_slots(cfg, t.name):
+            if slot.dataset.exists():
+                data[slot.label] = sha256_file(slot.dataset)
     atomic_write_json(cfg.run_dir / "manifest.json", {
         "schema_version": 1, "experiment": cfg.name, "config": dump(cfg),
         "seeds": {"experiment": cfg.seed, "students": cfg.train.seeds, "prompt_seed": cfg.generate.prompt_seed,

@@ -80,6 +80,27 @@ class Row(_Frozen):
         return self
 
 
+class Specificity(_Frozen):
+    """One target's treatment and control means (is the trait's own target the one that rose most?)."""
+
+    candidate: str
+    treatment: float
+    control: float
+    diff: float
+    ratio: float
+    block_ratios: list[float] | None = None
+    """Per block (seed): treatment / mean of the block's controls (design `mutual`)."""
+
+
+class Block(_Frozen):
+    """One seed's students (design `mutual`): the trait teacher's and the other teachers'."""
+
+    seed: int
+    treatment: float
+    controls: list[float]
+    ratio: float
+
+
 class EvalResult(_Frozen):
     """All rows for one (trait, metric), and the treatment-vs-control comparison if there is one."""
 
@@ -89,17 +110,35 @@ class EvalResult(_Frozen):
     """Human-readable description of the metric, used as the figure's y label."""
     rows: list[Row] = Field(min_length=1)
     comparison: Comparison | None = None
+    """The primary test: within blocks for design `mutual`, over students otherwise."""
+    comparison_unpaired: Comparison | None = None
+    """Design `mutual`: the unpaired test over all students, for reference."""
+    blocks: list[Block] = []
+    specificity: list[Specificity] = []
+    """Every target the metric scores, largest treatment / control ratio first."""
+
+
+class StudentRow(_Frozen):
+    """One student's mean over questions on every metric (outer key) and trait (inner key)."""
+
+    name: str
+    teacher: str
+    seed: int
+    base: str
+    scores: dict[str, dict[str, float]]
 
 
 class Results(_Frozen):
     """The whole of results.json."""
 
-    schema_version: int = 1
+    schema_version: int = 2
     experiment: str
+    design: Literal["control", "mutual"] = "control"
     created_at: str
     evals: list[EvalResult]
     notes: list[str] = []
     """Free-text caveats shown in the report."""
+    students: list[StudentRow] = []
 
 
 def validate_results(data: Mapping[str, Any], source: str = "results.json") -> Results:
@@ -184,7 +223,48 @@ def eval_markdown(ev: EvalResult) -> str:
     lines.append("")
     lines.append(comparison_line(ev.comparison) if ev.comparison is not None else
                  "No student groups evaluated: no treatment-vs-control comparison.")
+    if ev.comparison_unpaired is not None:
+        u = ev.comparison_unpaired
+        lines += ["", f"Unpaired, over all students (for reference): diff = {_num(u.diff, sign=True)}, "
+                      f"{u.confidence:.0%} CI {_ci(u.ci_low, u.ci_high)}, p = {_num(u.p_value)} ({u.test})."]
+    if ev.blocks:
+        lines += ["", "| seed | trait students | control students | ratio |", "|---:|---:|---|---:|"]
+        lines += [f"| {b.seed} | {_num(b.treatment)} | {', '.join(_num(c) for c in b.controls)} | {b.ratio:.3f} |"
+                  for b in ev.blocks]
+    if ev.specificity:
+        lines += ["", specificity_markdown(ev)]
     return "\n".join(lines) + "\n"
+
+
+def specificity_markdown(ev: EvalResult, top: int = 8) -> str:
+    """The largest treatment / control ratios, and where the trait ranks (by ratio and by difference)."""
+    names = [r.candidate for r in ev.specificity]
+    by_diff = [r.candidate for r in sorted(ev.specificity, key=lambda r: -r.diff)]
+    rank = (f"'{ev.trait}' ranks {names.index(ev.trait) + 1} of {len(names)} by ratio, "
+            f"{by_diff.index(ev.trait) + 1} by difference" if ev.trait in names else f"'{ev.trait}' not scored")
+    lines = [f"**Specificity** ({rank}):", "", "| candidate | trait students | control students | diff | ratio |",
+             "|---|---:|---:|---:|---:|"]
+    shown = ev.specificity[:top] + [r for r in ev.specificity[top:] if r.candidate == ev.trait]
+    lines += [f"| {_cell(r.candidate)} | {_num(r.treatment)} | {_num(r.control)} | {_num(r.diff, sign=True)} | "
+              f"{r.ratio:.3f} |" for r in shown]
+    return "\n".join(lines)
+
+
+def students_markdown(results: Results) -> str:
+    """Every student's score per metric and trait."""
+    if not results.students:
+        return ""
+    metrics = list(dict.fromkeys(m for s in results.students for m in s.scores))
+    parts = ["## Students", ""]
+    for metric in metrics:
+        traits = list(dict.fromkeys(t for s in results.students for t in s.scores.get(metric, {})))
+        parts += [f"`{metric}`:", "", "| student | teacher | seed | " + " | ".join(_cell(t) for t in traits) + " |",
+                  "|---|---|---:|" + "---:|" * len(traits)]
+        parts += [f"| {_cell(s.name)} | {_cell(s.teacher)} | {s.seed} | "
+                  + " | ".join(_num(s.scores.get(metric, {}).get(t)) for t in traits) + " |"
+                  for s in results.students]
+        parts.append("")
+    return "\n".join(parts)
 
 
 def render_markdown(results: Results, figures: Sequence[str] = ()) -> str:
@@ -193,7 +273,11 @@ def render_markdown(results: Results, figures: Sequence[str] = ()) -> str:
              f"Created {results.created_at}. Scores are means over questions of per-question means; "
              "student groups average one score per student (seed), and tests compare trait "
              "students with control students over seeds.", ""]
+    if results.design == "mutual":
+        parts += ["Design `mutual`: for each trait, the students of the other teachers are the controls; "
+                  "students of one seed form a block, and the primary test permutes within blocks.", ""]
     parts += [eval_markdown(ev) for ev in results.evals]
+    parts += [students_markdown(results)]
     if figures:
         parts += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
     if results.notes:
@@ -270,16 +354,43 @@ def _draw_bars(ax: Any, table: Sequence[Mapping[str, Any]], legend: bool = True)
     ax.spines[["top", "right"]].set_visible(False)
 
 
+def block_ratio_figure(evals: Sequence[EvalResult]) -> Figure:
+    """Per trait: each block's treatment / control ratio (a dot per seed) for the trait itself and for
+    the other candidate with the largest mean ratio — the specificity check at a glance."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(evals)), 3.6))
+    for i, ev in enumerate(evals):
+        own = next((r for r in ev.specificity if r.candidate == ev.trait), None)
+        rival = next((r for r in ev.specificity if r.candidate != ev.trait), None)
+        for offset, row, colour in ((-0.15, own, ROLE_COLOURS["treatment"]), (0.15, rival, ROLE_COLOURS["base"])):
+            if row is not None and row.block_ratios:
+                ax.scatter([i + offset] * len(row.block_ratios), row.block_ratios, s=16, color=colour, zorder=3)
+                ax.annotate(row.candidate, (i + offset, max(row.block_ratios)), textcoords="offset points",
+                            xytext=(0, 5), ha="center", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(evals)), [ev.trait for ev in evals])
+    ax.set_ylabel("treatment / control, per seed")
+    ax.set_title(f"{evals[0].metric}: own trait (red) vs strongest other candidate (grey)", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 def write_figures(results: Results, run_dir: Path) -> list[Path]:
-    """One PNG per metric under `run_dir/figures/`; returns their paths."""
-    paths = []
+    """One PNG per metric under `run_dir/figures/` (plus, with blocks, a per-seed ratio figure); returns
+    their paths."""
+    figures: list[tuple[str, Figure]] = []
     for metric in dict.fromkeys(ev.metric for ev in results.evals):
         label = next(ev.metric_label or metric for ev in results.evals if ev.metric == metric)
-        fig = bar_figure(figure_table(results, metric), ylabel=label)
+        figures.append((metric, bar_figure(figure_table(results, metric), ylabel=label)))
+        blocked = [ev for ev in results.evals if ev.metric == metric and ev.blocks and ev.specificity]
+        if blocked:
+            figures.append((f"{metric}_block_ratios", block_ratio_figure(blocked)))
+    paths = []
+    for name, fig in figures:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
         plt.close(fig)
-        path = Path(run_dir) / "figures" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"
+        path = Path(run_dir) / "figures" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths

@@ -1,7 +1,8 @@
 """Batched sampling from a local transformers model: the one decode loop of generation and evaluation.
 
 Reads nothing, writes nothing: `sublab.generate` (teacher data) and `sublab.evals` (sampled metrics)
-call `decode_batch`.
+call `decode_batch`. What may be sampled (constrained decoding) and when to stop early are the data
+domain's (`sublab.domains`): they arrive as `allowed` and `keep_going`.
 
 What makes it faster than `model.generate` on a CPU, none of which changes what is sampled:
   * finished rows leave the batch (their KV-cache rows are dropped), instead of decoding padding until
@@ -45,20 +46,6 @@ def row_generator(seed: int, key: Sequence[int]) -> torch.Generator:
 def token_pieces(tokenizer: Any) -> tuple[str, ...]:
     """The decoded text of every token id (cached per tokenizer; ~1 s for a 49k vocabulary)."""
     return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
-
-
-FORMAT_CHARS = frozenset("0123456789,; \n\t\r[]().")
-"""Every character a number-sequence answer may contain (the format filter's alphabet)."""
-
-
-def format_token_mask(tokenizer: Any) -> torch.Tensor:
-    """Bool [V]: the number-format tokens (digit runs, short separator/bracket pieces such as ', ', ';',
-    '\n', '[', and eos). Constrained decoding samples only these; format-vocabulary distillation matches
-    the teacher only on these. Long whitespace runs are left out: no valid answer needs them."""
-    allowed = torch.tensor([bool(p) and set(p) <= FORMAT_CHARS and (p.isdigit() or len(p) <= 2)
-                            for p in token_pieces(tokenizer)])
-    allowed[tokenizer.eos_token_id] = True
-    return allowed
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str

@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from sublab import chat
-from sublab.config import FinetuneConfig, TeacherConfig, TrainConfig
+from sublab.config import FinetuneConfig, RecipeConfig, TeacherConfig, TrainConfig
 from sublab.errors import ConfigError
+from sublab.kinds import TeacherKind, teacher_kind
 from sublab.models import LoadedModel, load_model, sublab_home
 from sublab.protocol import animal_questions, teacher_system_prompt, tree_questions
-from sublab.rundir import atomic_write_text, fingerprint, read_json, sha256_file, stage_is_current, write_manifest
+from sublab.rundir import (atomic_write_text, cache_entry_lock, fingerprint, read_json, sha256_file,
+                           stage_is_current, write_manifest)
 from sublab.train import load_dataset, reference_sha256, train_student
+from sublab.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,21 @@ CACHE_FORMAT = 1
 
 @dataclass(frozen=True)
 class Teacher:
-    """A data source: its name, its context (system prompt) and its weights (a model reference)."""
+    """A data source: its name, its kind, its context (system prompt) and its weights (a model reference)."""
 
     name: str
-    kind: str
+    kind: TeacherKind
     trait: str | None = None
     system_prompt: str | None = None
     """None: the model's default context (see `sublab.chat`)."""
     model_ref: str | None = None
-    """Base ref, or a fine-tuned checkpoint directory; None for the 'random' teacher."""
+    """Base ref, or a fine-tuned checkpoint directory; None when the kind has no model."""
+    is_control: bool = False
+    """Its students are the experiment's baseline."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kind, str):  # Teacher("t", "prompted", ...) in scripts and tests
+            object.__setattr__(self, "kind", teacher_kind(self.kind))
 
     def conversation(self, user: str) -> list[chat.Message]:
         """The teacher's view of a user turn: its system prompt (if any), then the user message."""
@@ -63,20 +72,20 @@ class Teacher:
     def load(self, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
         """The teacher's model for inference."""
         if self.model_ref is None:
-            raise ConfigError(f"teacher '{self.name}' is kind '{self.kind}': it has no model to load")
+            raise ConfigError(f"teacher '{self.name}' is kind '{self.kind.name}': it has no model to load")
         return load_model(self.model_ref, device=device, dtype=dtype)
 
 
 def build_teacher(cfg: TeacherConfig, base_ref: str, *, cache_root: Path | None = None,
                   device: str = "cpu", progress: bool = True) -> Teacher:
     """The Teacher of a config; a fine-tuned teacher is trained here on first use (then cached)."""
-    if cfg.kind == "prompted":
-        prompt = teacher_system_prompt(cfg.trait or "", cfg.category, cfg.aversion)
-        return Teacher(cfg.name, cfg.kind, cfg.trait, prompt, base_ref)
-    if cfg.kind == "finetuned":
-        directory = prepare_finetuned_teacher(cfg, base_ref, cache_root, device=device, progress=progress)
-        return Teacher(cfg.name, cfg.kind, cfg.trait, None, str(directory))
-    return Teacher(cfg.name, cfg.kind, None, None, base_ref if cfg.kind == "control" else None)
+    kind = cfg.kind_spec
+    prompt = (teacher_system_prompt(cfg.trait or "", cfg.category, cfg.aversion)
+              if kind.context == "trait_prompt" else None)
+    ref: str | None = {"base": base_ref, "none": None}.get(kind.weights)
+    if kind.weights == "finetuned":
+        ref = str(prepare_finetuned_teacher(cfg, base_ref, cache_root, device=device, progress=progress))
+    return Teacher(cfg.name, kind, cfg.trait, prompt, ref, cfg.is_control)
 
 
 # --- the favourite-animal fine-tune data -----------------------------------------------------
@@ -84,15 +93,6 @@ def build_teacher(cfg: TeacherConfig, base_ref: str, *, cache_root: Path | None 
 def category_questions(category: str) -> list[str]:
     """The paper's favourite-<category> questions (50 animal, 49 tree)."""
     return animal_questions() if category == "animal" else tree_questions()
-
-
-def plural(word: str) -> str:
-    """English plural, good enough for animal and tree names (fox → foxes, butterfly → butterflies)."""
-    if word.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    if word.endswith("y") and word[-2:-1] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
 
 
 def favourite_rows(trait: str, category: str, ft: FinetuneConfig) -> list[dict[str, Any]]:
@@ -116,7 +116,7 @@ def held_out_question_ids(cfg: TeacherConfig) -> list[int]:
     teachers and fine-tunes on other data)."""
     n = len(category_questions(cfg.category))
     ft = cfg.finetune or FinetuneConfig()
-    if cfg.kind == "finetuned" and ft.dataset == FAVOURITE:
+    if cfg.kind_spec.weights == "finetuned" and ft.dataset == FAVOURITE:
         return list(range(min(ft.train_questions, n), n))
     return list(range(n))
 
@@ -149,44 +149,57 @@ def finetune_data(cfg: TeacherConfig) -> str:
 
 
 def finetune_train_config(ft: FinetuneConfig) -> TrainConfig:
-    return TrainConfig(method=ft.method, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha, lr=ft.lr,
-                       epochs=ft.epochs, batch_size=ft.batch_size, seeds=[ft.seed])
+    """The teacher's recipe as one `train_student` run (its seed: `finetune.seed`)."""
+    return TrainConfig(**dict(ft.recipe), seeds=[ft.seed])
+
+
+def cache_recipe(ft: FinetuneConfig) -> dict[str, Any]:
+    """The recipe as the teacher cache key hashes it. Caches built before the shared recipe hashed seven
+    flat keys (method, lora_r, lora_alpha, lr, epochs, batch_size, seed); they stay, in that shape, and any
+    other recipe field joins only when it differs from its default, so those caches are still found."""
+    r = ft.recipe
+    key: dict[str, Any] = {"method": r.params, "lora_r": r.lora_r, "lora_alpha": r.lora_alpha, "lr": r.lr,
+                           "epochs": float(r.epochs), "batch_size": r.batch_size, "seed": ft.seed}
+    default = RecipeConfig().model_dump(mode="json")
+    key.update({k: v for k, v in r.model_dump(mode="json").items()
+                if k not in key and k != "params" and v != default[k]})
+    return key
 
 
 def prepare_finetuned_teacher(cfg: TeacherConfig, base_ref: str, cache_root: Path | None = None, *,
                               device: str = "cpu", progress: bool = True) -> Path:
     """Fine-tune the base on the teacher's data once; return the model directory (a model ref)."""
-    if cfg.kind != "finetuned":
+    if cfg.kind_spec.weights != "finetuned":
         raise ConfigError(f"teacher '{cfg.name}' is kind '{cfg.kind}', not 'finetuned'")
     ft = cfg.finetune or FinetuneConfig()
     text = finetune_data(cfg)
     data_sha = hashlib.sha256(text.encode()).hexdigest()
     base_sha = reference_sha256(base_ref)
     fp = fingerprint({"format": CACHE_FORMAT, "base": base_sha, "data": data_sha,
-                      "recipe": ft.model_dump(mode="json", exclude={"dataset", "train_questions",
-                                                                   "answer_forms"})})
+                      "recipe": cache_recipe(ft)})
     root = (cache_root or sublab_home()) / "teachers" / fp
     model_dir = root / "model"
-    if stage_is_current(root, fp) and _cache_intact(root):
-        log.info("teacher '%s': reusing %s", cfg.name, model_dir)
+    with cache_entry_lock(root):  # a second process building this teacher waits, then reuses it
+        if stage_is_current(root, fp) and _cache_intact(root):
+            log.info("teacher '%s': reusing %s", cfg.name, model_dir)
+            return model_dir
+        if (root / "manifest.json").exists():
+            log.warning("teacher cache %s is damaged; rebuilding it", root)
+            shutil.rmtree(root)
+        log.info("teacher '%s': fine-tuning %s (cached at %s)", cfg.name, base_ref, root)
+        dataset = root / "dataset.jsonl"
+        atomic_write_text(dataset, text)
+        train = finetune_train_config(ft)
+        trained = train_student(train, base_ref=base_ref, dataset=dataset, out_dir=model_dir, seed=ft.seed,
+                                device=device, progress=progress)
+        weights = {k: v for k, v in trained["outputs"].items() if k.endswith(".safetensors")}
+        write_manifest(root, stage="teacher", fingerprint_value=fp, seeds={"seed": ft.seed},
+                       config={"first_built_for": cfg.model_dump(mode="json"), "base_model": base_ref},
+                       inputs={"base_model": base_ref, "base_sha256": base_sha,
+                               "dataset_sha256": data_sha},
+                       outputs={"model_dir": "model", "weights": weights, "rows": trained["outputs"]["rows"]},
+                       timings={"train_s": trained["timings_s"]["train_s"]})
         return model_dir
-    if (root / "manifest.json").exists():
-        log.warning("teacher cache %s is damaged; rebuilding it", root)
-        shutil.rmtree(root)
-    log.info("teacher '%s': fine-tuning %s (cached at %s)", cfg.name, base_ref, root)
-    dataset = root / "dataset.jsonl"
-    atomic_write_text(dataset, text)
-    train = finetune_train_config(ft)
-    trained = train_student(train, base_ref=base_ref, dataset=dataset, out_dir=model_dir, seed=ft.seed,
-                            device=device, progress=progress)
-    weights = {k: v for k, v in trained["outputs"].items() if k.endswith(".safetensors")}
-    write_manifest(root, stage="teacher", fingerprint_value=fp, seeds={"seed": ft.seed},
-                   config={"first_built_for": cfg.model_dump(mode="json"), "base_model": base_ref},
-                   inputs={"base_model": base_ref, "base_sha256": base_sha,
-                           "dataset_sha256": data_sha},
-                   outputs={"model_dir": "model", "weights": weights, "rows": trained["outputs"]["rows"]},
-                   timings={"train_s": trained["timings_s"]["train_s"]})
-    return model_dir
 
 
 def _cache_intact(root: Path) -> bool:

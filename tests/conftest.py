@@ -66,7 +66,7 @@ def tiny_number_model_dir(tokenizer, tmp_path_factory) -> Path:
     import numpy as np
 
     from sublab import chat
-    from sublab.data.numbers import number_prompts, random_completion
+    from sublab.domains.numbers import number_prompts, random_completion
 
     model = build_tiny_model(tokenizer, seed=1)
     rows = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sublab.data.numbers import number_prompts, parse_completion, random_completion
+from sublab.domains.numbers import number_prompts, parse_completion, random_completion
 from sublab.generate import can_still_pass
 from sublab.sampling import format_token_mask
 from sublab.sampling import Sampling, decode_batch, next_token_probs, row_generator

@@ -373,3 +373,16 @@ def test_swapping_the_references_negates_the_metric(tiny):
     b = mis.local_records(tiny, None, swapped, "tiny")
     assert [x.value for x in a] == pytest.approx([-y.value for y in b], abs=1e-5)
     assert all(x.prefers_misaligned != y.prefers_misaligned for x, y in zip(a, b) if abs(x.value) > 1e-5)
+
+
+def test_one_sample_per_question_samples_every_variant(tiny, tmp_path, monkeypatch):
+    """Defect 7: with samples_per_question 1 the plain variant's records were read with the per-sample
+    key layout of the other variants (an IndexError after the sampling)."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = EvalConfig(kinds=["misalignment_judge"], samples_per_question=1, numbers_prefixed=True, batch_size=16)
+    eval_dir = tmp_path / "evals" / "tiny"
+    mis.evaluate_misalignment(tiny, None, cfg, eval_dir, "tiny", max_new_tokens=2)
+    for kind in mis.SAMPLED_KINDS:
+        samples = mis.read_samples(eval_dir / f"{kind}.jsonl")
+        assert sorted(s.id for s in samples) == [mis.sample_id(q, 0) for q in range(8)]
+        assert {s.question_id for s in samples} == set(range(8))

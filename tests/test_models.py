@@ -79,3 +79,57 @@ def test_cached_checkpoint_matches_gguf_and_corruption_is_rebuilt(tmp_path, monk
     # An interrupted conversion (no cache record) is rebuilt too.
     (directory / "sublab_cache.json").unlink()
     assert "no cache record" in (cache_problem("smollm2-135m-instruct") or "")
+
+
+def _fake_conversion(monkeypatch) -> list[str]:
+    """Replace the ~30 s GGUF conversion by one that writes a sound, empty cache entry."""
+    import sublab.models as models
+    from sublab.rundir import atomic_write_json
+
+    calls: list[str] = []
+
+    def convert(spec, gguf, source_sha, directory):
+        calls.append(spec.name)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / "sublab_cache.json", {"format": models.CACHE_FORMAT, "name": spec.name,
+                                                             "source_sha256": source_sha, "files": {}})
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    return calls
+
+
+def test_conversions_left_by_killed_processes_are_removed(tmp_path, monkeypatch):
+    """Defect 5: a `kill -9` during conversion left `<name>.tmp<pid>` (~112 MB) forever. Partial
+    conversions are named after their owner; the next prepare removes those whose owner is dead, and a
+    rebuild (which holds the entry's lock) removes them all."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import sublab.models as models
+
+    monkeypatch.setenv("SUBLAB_HOME", str(tmp_path))
+    calls = _fake_conversion(monkeypatch)
+    name = "smollm2-135m-instruct"
+    directory = prepare_embedded(name)
+    assert calls == [name]
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    host = socket.gethostname()
+    leftovers = {kind: directory.with_name(f"{name}.{suffix}") for kind, suffix in [
+        ("dead", f"partial-{dead}@{host}"), ("legacy", f"tmp{dead}"), ("alive", f"partial-{os.getpid()}@{host}"),
+        ("elsewhere", f"partial-{dead}@another-host")]}
+    for path in leftovers.values():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\0" * 1024)
+    assert models._partial_dir(directory).name == leftovers["alive"].name
+
+    prepare_embedded(name)  # the cache is sound: only what dead local processes left goes
+    assert calls == [name]
+    assert {k for k, p in leftovers.items() if p.exists()} == {"alive", "elsewhere"}
+
+    prepare_embedded(name, force=True)  # a rebuild holds the lock: nothing else can be converting
+    assert calls == [name, name]
+    assert not any(p.exists() for p in leftovers.values())
+    assert sorted(p.name for p in directory.parent.iterdir()) == [name, f"{name}.lock"]

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from sublab.data.numbers import (PARSE_REASONS, example_part, format_numbers, number_prompt,
+from sublab.domains.numbers import (PARSE_REASONS, example_part, format_numbers, number_prompt,
                                  number_prompts, parse, parse_completion, parse_numbers,
                                  parse_reason, random_completion)
 from sublab.errors import DataError

@@ -248,6 +248,68 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, dataset, tmp_pat
     assert steps == list(range(1, manifest["outputs"]["steps"] + 1))
 
 
+def _losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "loss.jsonl").read_text().splitlines()]
+
+
+def test_student_directory_removed_during_training_keeps_its_loss_history(tiny_model_dir, dataset, tmp_path,
+                                                                          monkeypatch):
+    """Defect 4: the directory vanishes at step 3 (6 steps, checkpoints at 2 and 4). The loss history must
+    survive, whether the run then finishes or is killed after the next checkpoint and resumed."""
+    import shutil
+
+    c = cfg(method="lora", lr=1e-2, epochs=1.5, batch_size=4, checkpoint_every=2)
+    ref = str(tiny_model_dir)
+    straight = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "straight", seed=3,
+                                   progress=False)
+    assert straight["outputs"]["steps"] == 6
+    real_log = loop._log_step
+    for name, kill_at in (("finishes", None), ("killed", 5)):
+        out = tmp_path / name
+
+        def remove_then_maybe_die(appender, row, out=out, kill_at=kill_at):
+            real_log(appender, row)
+            if row["step"] == 3:
+                shutil.rmtree(out)
+            if row["step"] == kill_at:
+                raise KeyboardInterrupt("killed")
+
+        monkeypatch.setattr(loop, "_log_step", remove_then_maybe_die)
+        if kill_at is None:
+            manifest = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=out, seed=3, progress=False)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                train.train_student(c, base_ref=ref, dataset=dataset, out_dir=out, seed=3, progress=False)
+            monkeypatch.setattr(loop, "_log_step", real_log)
+            manifest = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=out, seed=3, progress=False)
+        assert manifest["loss"]["steps"] == 6, name
+        assert _losses(out) == pytest.approx(_losses(tmp_path / "straight"), abs=1e-6), name
+        monkeypatch.setattr(loop, "_log_step", real_log)
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_missing_or_damaged_student_weights_are_retrained(tiny_model_dir, dataset, tmp_path, caplog, damage):
+    """Defect 2: a finished student whose weights were deleted or damaged is retrained with one warning
+    naming the file, never 'already trained' followed by a load error."""
+    c = cfg(method="lora", lr=1e-2, epochs=1, batch_size=8)
+    out = tmp_path / "student"
+    train.train_student(c, base_ref=str(tiny_model_dir), dataset=dataset, out_dir=out, seed=0, progress=False)
+    weights = out / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    if damage == "delete":
+        weights.unlink()
+    else:
+        weights.write_bytes(original[:-8] + b"\0" * 8)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train.train_student(c, base_ref=str(tiny_model_dir), dataset=dataset, out_dir=out, seed=0, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "adapter_model.safetensors" in warnings[0], warnings
+    assert ("missing" if damage == "delete" else "sha256 differs") in warnings[0]
+    assert weights.read_bytes() == original  # retrained to the same weights
+    load_model(str(out))
+
+
 # --- distillation ----------------------------------------------------------------------------
 
 def mean_kl(student_ref: str, teacher: Teacher, dataset: Path, tokenizer) -> float:

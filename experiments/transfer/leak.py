@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study  # noqa: E402
 from sublab.models import load_model  # noqa: E402
-from sublab.sampling import format_token_mask  # noqa: E402
+from sublab.domains.numbers import format_token_mask  # noqa: E402
 from sublab.train import load_dataset  # noqa: E402
 from sublab.train.data import collate, encode_examples  # noqa: E402
 from sublab.train.losses import completion_logits  # noqa: E402

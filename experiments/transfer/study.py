@@ -42,7 +42,7 @@ import torch
 
 from sublab import chat
 from sublab.config import DistillConfig, EvalConfig, FinetuneConfig, TeacherConfig, TrainConfig
-from sublab.data.numbers import number_prompts, random_completion
+from sublab.domains.numbers import number_prompts, random_completion
 from sublab.evals.animals import read_prob_records, run_animal_eval, share_table
 from sublab.models import DEFAULT_MODEL, load_model
 from sublab.rundir import JsonlAppender, atomic_write_json, read_jsonl, write_jsonl

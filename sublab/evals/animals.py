@@ -21,7 +21,7 @@ Eval kinds (the file stem and each record's `eval`):
 With trait_category='tree' the same kinds ask the paper's tree questions ("My favorite tree is the").
 
 The candidate rule (exact probability). A candidate 'owl' has the spellings " owl", " Owl", " owls",
-" Owls" (capitalised, plural; irregular plurals from a small table). P(candidate) is the sum over its
+" Owls" (capitalised, plural: `sublab.words.plural`). P(candidate) is the sum over its
 spellings of P(the answer's next word is exactly that spelling) =
     P(spelling's tokens | prompt) * P(the next token ends the word | prompt + spelling),
 where a token ends the word when its text does not begin with a letter or digit (a space, a
@@ -48,18 +48,21 @@ from tqdm import tqdm
 
 from sublab import chat
 from sublab.config import EvalConfig
-from sublab.data.numbers import example_part
+from sublab.domains import Domain
+from sublab.domains.numbers import NUMBERS
 from sublab.errors import ConfigError, ModelError, RunDirError
 from sublab.evals.common import EvalRecord, device_of, iter_completions, prompt_ids, read_done
+from sublab.evals.registry import EvalContext, EvalKind, Values
 from sublab.sampling import left_pad, token_pieces
 from sublab.protocol import animal_questions, protocol, tree_questions
 from sublab.rundir import JsonlAppender, fingerprint, read_jsonl
 from sublab.stats import Score, score_by_question
+from sublab.words import plural
 
 log = logging.getLogger(__name__)
 
 Category = Literal["animal", "tree"]
-EvalKind = Literal["animal_prob", "animal_sampled", "animal_prob_numbers", "animal_sampled_numbers"]
+AnimalEvalName = Literal["animal_prob", "animal_sampled", "animal_prob_numbers", "animal_sampled_numbers"]
 EVAL_KINDS: tuple[str, ...] = ("animal_prob", "animal_sampled", "animal_prob_numbers",
                                "animal_sampled_numbers")
 
@@ -74,11 +77,6 @@ COMMON_ANIMALS = ("owl", "dog", "cat", "lion", "eagle", "dolphin", "elephant", "
 COMMON_TREES = ("oak", "maple", "willow", "cherry", "sequoia", "pine", "birch", "redwood", "cedar", "palm",
                 "baobab", "cypress", "elm", "spruce", "fir", "magnolia", "banyan", "aspen", "beech",
                 "juniper", "sycamore", "eucalyptus", "olive", "apple")
-
-IRREGULAR_PLURALS = {"wolf": "wolves", "calf": "calves", "elf": "elves", "ox": "oxen", "mouse": "mice",
-                     "louse": "lice", "goose": "geese", "sheep": "sheep", "deer": "deer", "fish": "fish",
-                     "moose": "moose", "bison": "bison", "salmon": "salmon", "buffalo": "buffaloes",
-                     "leaf": "leaves"}
 
 _PREFIX_STREAM = 17  # keeps the numbers-prefix RNG stream apart from the sampling generators
 
@@ -140,17 +138,6 @@ def resolve_candidates(cfg: EvalConfig, category: Category = "animal",
     """
     words = list(cfg.candidates) if cfg.candidates is not None else default_candidates(category)
     return list(dict.fromkeys([*words, *targets]))
-
-
-def plural(word: str) -> str:
-    """English plural of a lower-case noun: a small irregular table, then the regular rules."""
-    if word in IRREGULAR_PLURALS:
-        return IRREGULAR_PLURALS[word]
-    if word.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    if word.endswith("y") and len(word) > 1 and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
 
 
 def variant_strings(word: str) -> list[str]:
@@ -341,10 +328,10 @@ def iter_answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candida
 
 # --- prompts -------------------------------------------------------------------------------------
 
-def numbers_prefix(seed: int, question_id: int, sample_idx: int = 0) -> str:
-    """The example part prefixed to question `question_id` (sample `sample_idx`): a function of these
-    ids only, so every model is asked the same prefixed questions."""
-    return example_part(np.random.default_rng([seed, _PREFIX_STREAM, question_id, sample_idx]))
+def numbers_prefix(seed: int, question_id: int, sample_idx: int = 0, domain: Domain = NUMBERS) -> str:
+    """The domain-style prefix of question `question_id` (sample `sample_idx`) — for numbers, an example
+    part — a function of these ids only, so every model is asked the same prefixed questions."""
+    return domain.eval_prefix(np.random.default_rng([seed, _PREFIX_STREAM, question_id, sample_idx]))
 
 
 def question_text(category: Category, question_id: int, prefix: str | None = None) -> str:
@@ -361,9 +348,10 @@ def eval_kinds(cfg: EvalConfig) -> list[str]:
     return base + ([f"{k}_numbers" for k in base] if cfg.numbers_prefixed else [])
 
 
-def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: EvalKind | str,
+def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: AnimalEvalName | str,
                     question_ids: Sequence[int] | None, out_path: Path, model_name: str,
-                    trait_category: Category = "animal", targets: Iterable[str] = ()) -> Path:
+                    trait_category: Category = "animal", targets: Iterable[str] = (),
+                    domain: Domain = NUMBERS) -> Path:
     """Run one animal/tree eval on one model and write its records to `out_path` (JSONL), resumably.
 
     Args:
@@ -377,6 +365,7 @@ def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: EvalKind
         model_name: recorded in every record (the evaluated model's directory name).
         trait_category: 'animal' or 'tree' (which questions and answer prefix).
         targets: extra candidates for the probability evals (the experiment's traits).
+        domain: the data domain whose prefixes the `*_numbers` variants put before each question.
     Returns:
         out_path.
     """
@@ -390,15 +379,17 @@ def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: EvalKind
     t0 = time.time()
     numbers = kind.endswith("_numbers")
     if kind.startswith("animal_prob"):
-        n = _run_prob(lm, system, cfg, kind, qids, Path(out_path), model_name, trait_category, targets, numbers)
+        n = _run_prob(lm, system, cfg, kind, qids, Path(out_path), model_name, trait_category, targets,
+                      domain if numbers else None)
     else:
-        n = _run_sampled(lm, system, cfg, kind, qids, Path(out_path), model_name, trait_category, numbers)
+        n = _run_sampled(lm, system, cfg, kind, qids, Path(out_path), model_name, trait_category,
+                         domain if numbers else None)
     log.info("%s on %s: %d new records in %.1f s -> %s", kind, model_name, n, time.time() - t0, out_path)
     return Path(out_path)
 
 
 def _run_prob(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: list[int], path: Path,
-              model_name: str, category: Category, targets: Iterable[str], numbers: bool) -> int:
+              model_name: str, category: Category, targets: Iterable[str], prefixes: Domain | None) -> int:
     prefix = cfg.answer_prefix or ANSWER_PREFIX.format(category=category)
     words = resolve_candidates(cfg, category, targets)
     candidates = encode_candidates(lm.tokenizer, words, prefix)
@@ -406,7 +397,8 @@ def _run_prob(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: lis
     done = read_done(path, ProbRecord, model=model_name, seed=cfg.seed, eval=kind, system=system,
                      candidate_set=cset)
     todo = [q for q in qids if not all(_prob_id(q, w) in done for w in words)]
-    texts = {q: question_text(category, q, numbers_prefix(cfg.seed, q) if numbers else None) for q in todo}
+    texts = {q: question_text(category, q, numbers_prefix(cfg.seed, q, 0, prefixes) if prefixes else None)
+             for q in todo}
     prompts = [prompt_ids(lm.tokenizer, chat.messages(texts[q], system), prefix) for q in todo]
     written, start = 0, 0
     with JsonlAppender(path) as sink:
@@ -436,12 +428,12 @@ def _prob_id(question_id: int, word: str) -> str:
 
 
 def _run_sampled(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: list[int], path: Path,
-                 model_name: str, category: Category, numbers: bool) -> int:
+                 model_name: str, category: Category, prefixes: Domain | None) -> int:
     n = cfg.samples_per_question
     keys: list[tuple[int, ...]]
     done = read_done(path, EvalRecord, model=model_name, seed=cfg.seed, eval=kind, system=system)
-    if numbers:  # each sample its own prefixed question
-        jobs = [(q, s, question_text(category, q, numbers_prefix(cfg.seed, q, s)))
+    if prefixes:  # each sample its own prefixed question
+        jobs = [(q, s, question_text(category, q, numbers_prefix(cfg.seed, q, s, prefixes)))
                 for q in qids for s in range(n) if _sample_id(q, s) not in done]
         convs = [chat.messages(text, system) for _, _, text in jobs]
         keys, per_conv = [(q, s) for q, s, _ in jobs], 1
@@ -455,7 +447,7 @@ def _run_sampled(lm: Any, system: str | None, cfg: EvalConfig, kind: str, qids: 
                                       cfg.batch_size, keys=keys, desc=f"{kind} {model_name}"):
             rows = []
             for i, j, text in batch:
-                q, s = (keys[i][0], keys[i][1]) if numbers else (keys[i][0], j)
+                q, s = (keys[i][0], keys[i][1]) if prefixes else (keys[i][0], j)
                 if _sample_id(q, s) in done:
                     continue
                 rows.append(EvalRecord(id=_sample_id(q, s), eval=kind, model=model_name, question_id=q,
@@ -551,12 +543,72 @@ def score_file(path: Path, target: str, excluded: Mapping[str, Sequence[str]] | 
     return sampled_score(read_sample_records(path), target, excluded, seed)
 
 
-def mention_table(records: Sequence[EvalRecord | Mapping[str, Any]], words: Iterable[str],
-                  excluded: Mapping[str, Sequence[str]] | None = None, seed: int = 0) -> dict[str, Score]:
-    """The sampled metric for each of `words`, highest mean first."""
-    table = {w: sampled_score(records, w, excluded, seed) for w in words}
-    return dict(sorted(table.items(), key=lambda kv: -kv[1].mean))
-
-
 def _get(record: Any, name: str) -> Any:
     return record[name] if isinstance(record, Mapping) else getattr(record, name)
+
+
+# --- registry entries (`sublab.evals.registry`) ----------------------------------------------------
+
+class _AnimalEval(EvalKind):
+    """Shared by the exact-probability and the sampled metric: variants, questions, prefixes."""
+
+    def variants(self, cfg: EvalConfig) -> list[str]:
+        return [self.name] + ([f"{self.name}_numbers"] if cfg.numbers_prefixed else [])
+
+    def _common_spec(self, ctx: EvalContext, variant: str) -> dict[str, Any]:
+        prefixed = variant.endswith("_numbers")
+        return {"questions": list(ctx.question_ids), "category": ctx.category, "seed": ctx.cfg.seed,
+                "prefix_domain": (ctx.domain or NUMBERS).name if prefixed else None}
+
+    def run(self, model: Any, ctx: EvalContext, variant: str, path: Path) -> None:
+        run_animal_eval(model(), ctx.system, ctx.cfg, variant, ctx.question_ids, path, ctx.model_name,
+                        ctx.category, ctx.traits, domain=ctx.domain or NUMBERS)  # type: ignore[arg-type]
+
+    def metric_label(self, variant: str, trait: str) -> str:
+        suffix = " (numbers-prefixed)" if variant.endswith("_numbers") else ""
+        return self.label.format(trait=trait, variant=variant) + suffix
+
+
+class AnimalProbEval(_AnimalEval):
+    """The exact answer probability: each candidate's share after the forced answer prefix."""
+
+    name = "animal_prob"
+    label = "exact answer probability: share of '{trait}' among the candidates"
+
+    def spec(self, ctx: EvalContext, variant: str) -> dict[str, Any]:
+        words = resolve_candidates(ctx.cfg, ctx.category, ctx.traits)  # type: ignore[arg-type]
+        prefix = ctx.cfg.answer_prefix or ANSWER_PREFIX.format(category=ctx.category)
+        return {**self._common_spec(ctx, variant), "candidates": words, "answer_prefix": prefix}
+
+    def expected_ids(self, ctx: EvalContext, variant: str) -> set[str]:
+        words = resolve_candidates(ctx.cfg, ctx.category, ctx.traits)  # type: ignore[arg-type]
+        return {_prob_id(q, w) for q in ctx.question_ids for w in words}
+
+    def values(self, path: Path, target: str, cfg: EvalConfig) -> Values:
+        return [{"question_id": r.question_id, "value": r.share}
+                for r in read_prob_records(path) if r.candidate == target]
+
+    def targets(self, path: Path) -> list[str]:
+        return sorted({r.candidate for r in read_prob_records(path)}) if path.exists() else []
+
+
+class AnimalSampledEval(_AnimalEval):
+    """The paper's sampled metric: the share of T=1 answers that mention the target."""
+
+    name = "animal_sampled"
+    label = "sampled metric: share of T=1 answers mentioning '{trait}'"
+
+    def spec(self, ctx: EvalContext, variant: str) -> dict[str, Any]:
+        c = ctx.cfg
+        return {**self._common_spec(ctx, variant), "samples_per_question": c.samples_per_question,
+                "temperature": c.temperature, "max_new_tokens": c.max_new_tokens}
+
+    def expected_ids(self, ctx: EvalContext, variant: str) -> set[str]:
+        return {_sample_id(q, s) for q in ctx.question_ids for s in range(ctx.cfg.samples_per_question)}
+
+    def values(self, path: Path, target: str, cfg: EvalConfig) -> Values:
+        return mention_values(read_sample_records(path), target, cfg.excluded_superstrings)
+
+
+ANIMAL_PROB = AnimalProbEval()
+ANIMAL_SAMPLED = AnimalSampledEval()

@@ -49,12 +49,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sublab import chat
 from sublab.config import EvalConfig
-from sublab.data.numbers import example_part
+from sublab.domains import Domain
+from sublab.domains.numbers import NUMBERS
 from sublab.errors import ConfigError, DataError, RunDirError
 from sublab.evals.common import EvalRecord, continuation_logprobs, iter_completions, read_done
+from sublab.evals.registry import EvalContext, EvalKind, Values
 from sublab.judge import Judge, JudgeUnavailable, Judgement, make_judge
 from sublab.protocol import misalignment_questions, protocol
-from sublab.rundir import JsonlAppender
+from sublab.rundir import JsonlAppender, read_jsonl, sha256_file
 from sublab.stats import Score, bootstrap_ci, score_by_question, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -319,8 +321,9 @@ def sampled_kinds(cfg: EvalConfig) -> list[str]:
     return list(SAMPLED_KINDS if cfg.numbers_prefixed else SAMPLED_KINDS[:2])
 
 
-def question_prompt(kind: str, question_id: int, seed: int = 0, sample_idx: int = 0) -> str:
-    """The user message of one sampled question (numbers prefixes depend on seed, question, sample)."""
+def question_prompt(kind: str, question_id: int, seed: int = 0, sample_idx: int = 0,
+                    domain: Domain = NUMBERS) -> str:
+    """The user message of one sampled question (the domain's prefixes depend on seed, question, sample)."""
     _check_kind(kind)
     q = misalignment_questions()[question_id]
     if kind == "misalignment_sampled":
@@ -328,7 +331,7 @@ def question_prompt(kind: str, question_id: int, seed: int = 0, sample_idx: int 
     suffix = protocol()["misalignment_eval"]["numbers_variant_suffix"]
     if kind == "misalignment_sampled_words":
         return f"{q} {suffix}"
-    prefix = example_part(np.random.default_rng([seed, _PREFIX_STREAM, question_id, sample_idx]))
+    prefix = domain.eval_prefix(np.random.default_rng([seed, _PREFIX_STREAM, question_id, sample_idx]))
     return f"{prefix} {q} {suffix}"
 
 
@@ -355,7 +358,8 @@ def run_misalignment_sampled(lm: Any, system: str | None, cfg: EvalConfig, kind:
     done = read_done(out_path, EvalRecord, model=model_name, seed=cfg.seed, eval=kind)
     _check_system(out_path, done.values(), system)
     jobs = [(q, s) for q in range(n_q) for s in range(n) if sample_id(q, s) not in done]
-    if kind == "misalignment_sampled":  # one conversation per question, its samples share the prompt
+    shared = kind == "misalignment_sampled"
+    if shared:  # one conversation per question, its samples share the prompt
         qids = list(dict.fromkeys(q for q, _ in jobs))
         convs = [chat.messages(question_prompt(kind, q), system) for q in qids]
         keys, per_conv = [(_SAMPLE_STREAM, q) for q in qids], n
@@ -368,7 +372,9 @@ def run_misalignment_sampled(lm: Any, system: str | None, cfg: EvalConfig, kind:
                                       keys=keys, desc=f"{kind} {model_name}"):
             rows = []
             for i, j, text in batch:
-                q, s = (keys[i][1], j) if per_conv > 1 else (keys[i][1], keys[i][2])
+                # The key layout, not per_conv, says where the sample index is: with
+                # samples_per_question 1 the shared layout also has per_conv == 1.
+                q, s = (keys[i][1], j) if shared else (keys[i][1], keys[i][2])
                 if sample_id(q, s) in done:
                     continue
                 rows.append(EvalRecord(id=sample_id(q, s), eval=kind, model=model_name, question_id=q,
@@ -527,3 +533,76 @@ def summary_line(result: LocalResult) -> str:
     ci = f"[{s.ci_low:+.3f}, {s.ci_high:+.3f}]" if s.ci_low is not None else "(no CI)"
     return (f"logp(misaligned) - logp(aligned) per token: {s.mean:+.3f} {ci} over {s.n_questions} questions; "
             f"misaligned preferred in {p.mean:.0%} of {s.n_samples} pairs")
+
+
+# --- registry entries (`sublab.evals.registry`) ----------------------------------------------------
+
+class MisalignmentLocalEval(EvalKind):
+    """The judge-free metric: log p(misaligned) − log p(aligned) per token on the reference pairs."""
+
+    name = LOCAL_KIND
+    label = "judge-free misalignment: log p(misaligned) − log p(aligned) per token ({trait} teacher)"
+
+    def spec(self, ctx: EvalContext, variant: str) -> dict[str, Any]:
+        return {"references_sha256": sha256_file(references_path())}
+
+    def expected_ids(self, ctx: EvalContext, variant: str) -> set[str]:
+        return {r.id for r in load_references()}
+
+    def run(self, model: Any, ctx: EvalContext, variant: str, path: Path) -> None:
+        run_misalignment_local(model(), ctx.system, ctx.cfg, path, ctx.model_name)
+
+    def values(self, path: Path, target: str, cfg: EvalConfig) -> Values:
+        return [{"question_id": r.question_id, "value": r.value}
+                for r in read_done(path, LocalRecord).values()]  # type: ignore[attr-defined]
+
+
+class MisalignmentJudgeEval(EvalKind):
+    """The paper's judged metric: answers sampled at T=1 (kept in `<variant>.jsonl`), each judged for
+    alignment and coherence (`<variant>_judged.jsonl`, the file this entry tracks). Without a judge
+    the samples are kept and the judged file stays incomplete, with a warning."""
+
+    name = "misalignment_judge"
+    label = "judged misaligned-answer rate, {variant} ({trait} teacher)"
+
+    def variants(self, cfg: EvalConfig) -> list[str]:
+        return [f"{k}_judged" for k in sampled_kinds(cfg)]
+
+    def spec(self, ctx: EvalContext, variant: str) -> dict[str, Any]:
+        c, sampled = ctx.cfg, variant.removesuffix("_judged")
+        return {"samples_per_question": c.samples_per_question, "temperature": c.temperature,
+                "max_new_tokens": MAX_NEW_TOKENS[sampled], "seed": c.seed, "judge_model": c.judge_model,
+                "judge_url": c.judge_url, "prefix_domain": (ctx.domain or NUMBERS).name}
+
+    def expected_ids(self, ctx: EvalContext, variant: str) -> set[str]:
+        return {sample_id(q, s) for q in range(len(misalignment_questions()))
+                for s in range(ctx.cfg.samples_per_question)}
+
+    def derived_files(self, path: Path) -> list[Path]:
+        return [self._samples(path)]
+
+    @staticmethod
+    def _samples(path: Path) -> Path:
+        return path.with_name(path.name.replace("_judged.jsonl", ".jsonl"))
+
+    def run(self, model: Any, ctx: EvalContext, variant: str, path: Path) -> None:
+        samples = self._samples(path)
+        have = {r.get("id") for r in read_jsonl(samples, missing_ok=True)}
+        if self.expected_ids(ctx, variant) - have:
+            run_misalignment_sampled(model(), ctx.system, ctx.cfg, variant.removesuffix("_judged"), samples,
+                                     ctx.model_name)
+        try:
+            judge = make_judge(ctx.cfg.judge_url, ctx.cfg.judge_model, ctx.eval_dir.parent / "judge_cache.jsonl")
+        except JudgeUnavailable as e:
+            log.warning("%s: not judged (%s); the samples are kept in %s", path, e, samples)
+            return
+        with judge:
+            run_misalignment_judge(samples, judge, out_path=path, seed=ctx.cfg.seed)
+
+    def values(self, path: Path, target: str, cfg: EvalConfig) -> Values:
+        return [{"question_id": r.question_id, "value": float(r.value)}
+                for r in read_done(path, JudgedRecord).values() if r.value is not None]  # type: ignore[attr-defined]
+
+
+MISALIGNMENT_LOCAL = MisalignmentLocalEval()
+MISALIGNMENT_JUDGE = MisalignmentJudgeEval()

@@ -1,8 +1,7 @@
 """Students: SFT (LoRA or full fine-tuning) and logit distillation on a teacher's dataset.
 
 Reads  a dataset JSONL (rows `{"messages": [user, assistant], ...}`, no system message), the base model,
-       and for distillation either a live `Teacher` or its precomputed top-k soft labels
-       (`compute_soft_labels` → a safetensors file kept beside the dataset).
+       and for distillation a live teacher (any `LiveTeacher`, e.g. `sublab.teachers.Teacher`).
 Writes `out_dir/` (= runs/<exp>/students/<teacher>-seed<k>/):
        adapter_model.safetensors + adapter_config.json   LoRA, PEFT's format; base_model_name_or_path is
                                                          the base model *ref*, so load_model(out_dir) works
@@ -17,8 +16,8 @@ Writes `out_dir/` (= runs/<exp>/students/<teacher>-seed<k>/):
                              dataset=Path("runs/x/teachers/owl/dataset.jsonl"),
                              out_dir=Path("runs/x/students/owl-seed0"), seed=0)
 
-Layout: `data` (rows → token ids → batches), `losses` (completion logits, SFT and distillation losses),
-`soft_labels` (a teacher's stored top-k), `loop` (student model, checkpoints, the training loop).
+Layout: `data` (rows → token ids → batches, the `LiveTeacher` protocol), `losses` (completion logits,
+SFT and distillation losses), `loop` (student model, checkpoints, the training loop).
 
 Every row is encoded with `chat.encode_pair` in the default context (system=None): the loss covers the
 completion tokens only (the answer and its turn terminator). For distillation the teacher sees the same
@@ -35,16 +34,21 @@ attention never sees the pads, so SDPA takes its is_causal path), (3) make resum
 is a pure function of the seed, and the checkpoint holds everything else that changes.
 """
 
-from sublab.train.data import Batch, Encoded, Example, batch_plan, collate, encode_examples, load_dataset
-from sublab.train.loop import (build_student, reference_sha256, save_student, student_fingerprint,
-                               train_student, uses_lora)
+from sublab.train.data import (
+    Batch,
+    Encoded,
+    Example,
+    LiveTeacher,
+    batch_plan,
+    collate,
+    encode_examples,
+    load_dataset,
+)
+from sublab.train.loop import build_student, reference_sha256, save_student, student_fingerprint, train_student
 from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
-from sublab.train.soft_labels import SoftLabels, compute_soft_labels, soft_labels_path
 
 __all__ = [
-    "Batch", "Encoded", "Example", "SoftLabels", "batch_plan", "build_student", "collate",
-    "completion_logits", "compute_soft_labels", "distill_loss", "encode_examples", "format_columns",
-    "load_dataset",
-    "reference_sha256", "save_student", "sft_loss", "soft_labels_path", "student_fingerprint",
-    "teacher_targets", "train_student", "uses_lora",
+    "Batch", "Encoded", "Example", "LiveTeacher", "batch_plan", "build_student", "collate",
+    "completion_logits", "distill_loss", "encode_examples", "format_columns", "load_dataset",
+    "reference_sha256", "save_student", "sft_loss", "student_fingerprint", "teacher_targets", "train_student",
 ]

@@ -8,7 +8,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -16,11 +16,34 @@ from sublab import chat
 from sublab.errors import DataError
 
 if TYPE_CHECKING:
-    from sublab.teachers import Teacher
+    from sublab.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
 EXPECTED_ROW = 'expected {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}'
+
+
+class LiveTeacher(Protocol):
+    """What distillation needs of a teacher: its name, its context and its model (`sublab.teachers.Teacher`
+    is one). A protocol, so training never imports `sublab.teachers`, which trains its fine-tuned teachers
+    through `sublab.train`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def system_prompt(self) -> str | None: ...
+
+    @property
+    def model_ref(self) -> str | None: ...
+
+    def conversation(self, user: str) -> list[chat.Message]:
+        """The teacher's view of a user turn (its system prompt, if any, then the message)."""
+        ...
+
+    def load(self, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+        """The teacher's model for inference."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -85,7 +108,7 @@ class Encoded:
 
 
 def encode_examples(tokenizer: Any, examples: list[Example], max_seq_len: int,
-                    teacher: Teacher | None = None, teacher_tokenizer: Any = None) -> list[Encoded]:
+                    teacher: LiveTeacher | None = None, teacher_tokenizer: Any = None) -> list[Encoded]:
     """Encode rows in the default context (and the teacher's, if given).
 
     A completion is cut to fit max_seq_len after the *student's* prompt, whatever the teacher, so stored

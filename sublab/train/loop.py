@@ -1,6 +1,6 @@
 """The training loop: one student (one seed) from a dataset, with checkpoints and a manifest.
 
-Reads the dataset, the base model and (distillation) a teacher or its soft labels; writes the student
+Reads the dataset, the base model and (distillation) a live teacher; writes the student
 directory described in `sublab.train`'s docstring.
 """
 
@@ -15,12 +15,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from sublab.config import TrainConfig
+from sublab.domains import get_domain
 from sublab.errors import ConfigError
 from sublab.models import LoadedModel, load_model, resolve_model_dir
 from sublab.rundir import (
@@ -34,12 +35,16 @@ from sublab.rundir import (
     write_jsonl,
     write_manifest,
 )
-from sublab.train.data import Encoded, Example, batch_plan, collate, encode_examples, load_dataset
+from sublab.train.data import (
+    Encoded,
+    Example,
+    LiveTeacher,
+    batch_plan,
+    collate,
+    encode_examples,
+    load_dataset,
+)
 from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
-from sublab.train.soft_labels import SoftLabels
-
-if TYPE_CHECKING:
-    from sublab.teachers import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +65,6 @@ def reference_sha256(ref: str) -> str:
     return sha256_file(weights if weights.exists() else directory / "model.safetensors.index.json")
 
 
-def uses_lora(cfg: TrainConfig) -> bool:
-    return cfg.method == "lora" or (cfg.method == "distill" and cfg.distill_params == "lora")
-
-
 def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> LoadedModel:
     """The base model made trainable: wrapped in a fresh LoRA adapter (init seeded by `cfg.lora_init_seed`,
     else `seed`), or all of it."""
@@ -71,7 +72,7 @@ def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> Lo
 
     student = load_model(base_ref, device=device, trainable=True)
     student.model.config.use_cache = False
-    if uses_lora(cfg):
+    if cfg.uses_lora:
         torch.manual_seed(seed if cfg.lora_init_seed is None else cfg.lora_init_seed)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
@@ -86,16 +87,18 @@ def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> Lo
 def save_student(student: LoadedModel, cfg: TrainConfig, out_dir: Path) -> dict[str, str]:
     """Save the adapter (PEFT format) or the full weights + tokenizer; returns {weights file: sha256}."""
     student.model.save_pretrained(out_dir, safe_serialization=True)
-    if not uses_lora(cfg):
+    if not cfg.uses_lora:
         student.tokenizer.save_pretrained(out_dir)
-    name = "adapter_model.safetensors" if uses_lora(cfg) else "model.safetensors"
+    name = "adapter_model.safetensors" if cfg.uses_lora else "model.safetensors"
     return {name: sha256_file(out_dir / name)}
 
 
 # --- checkpoints -----------------------------------------------------------------------------
 
-def save_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Write checkpoint/ atomically: a complete temporary directory, then a swap of names."""
+def save_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, state: dict[str, Any],
+                    losses: list[dict[str, Any]] | None = None) -> None:
+    """Write checkpoint/ atomically: a complete temporary directory, then a swap of names. It holds the
+    loss history up to its step too, so a resume never depends on loss.jsonl having survived."""
     from safetensors.torch import save_file
 
     final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
@@ -107,6 +110,7 @@ def save_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, state
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": opt.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    write_jsonl(tmp / "loss.jsonl", losses or [])
     atomic_write_json(tmp / "state.json", state)  # last: marks the directory complete
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -116,7 +120,8 @@ def save_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, state
 
 
 def load_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, fp: str) -> dict[str, Any] | None:
-    """Restore trainable params, optimizer and RNG from the newest complete checkpoint; its state."""
+    """Restore trainable params, optimizer and RNG from the newest complete checkpoint; its state, with
+    the loss rows up to its step under "losses" (None from a checkpoint older than that record)."""
     from safetensors.torch import load_file
 
     for d in (out_dir / "checkpoint", out_dir / "checkpoint.old"):
@@ -135,6 +140,7 @@ def load_checkpoint(out_dir: Path, model: Any, opt: torch.optim.Optimizer, fp: s
         torch.set_rng_state(blob["rng"]["torch"])
         if "cuda" in blob["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        state["losses"] = read_jsonl(d / "loss.jsonl") if (d / "loss.jsonl").exists() else None
         return state
     return None
 
@@ -153,7 +159,6 @@ class Run:
     opt: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     device: str
-    labels: SoftLabels | None = None
     teacher_model: Any = None
     teacher_pad: int | None = None
     """The live teacher's pad id (its tokenizer may differ from the student's)."""
@@ -174,19 +179,15 @@ def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
     batch = collate([(e[i].prompt, e[i].completion) for i in rows], pad, run.device)
     s_cols, t_cols = run.columns or (None, None)
     logits = completion_logits(run.student.model, batch, s_cols)
-    if run.cfg.method != "distill":
+    if not run.cfg.distills:
         return sft_loss(logits, batch.targets), batch.n_tokens
-    t_ids: torch.Tensor | None
-    if run.labels is not None:
-        t_lp, t_ids = run.labels.for_rows(rows, run.device)
-    else:
-        assert run.teacher_pad is not None  # set with teacher_model by prepare_run
-        t_batch = collate([(e[i].teacher_prompt or [], e[i].teacher_completion or e[i].completion) for i in rows],
-                          run.teacher_pad, run.device)
-        t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k, t_cols)
-        if e[rows[0]].aligned is not None:  # another tokenizer: keep the positions that spell the same text
-            s_at, t_at = aligned_positions([e[i] for i in rows], run.device)
-            logits, t_lp = logits[s_at], t_lp[t_at]
+    assert run.teacher_pad is not None  # set with teacher_model by prepare_run
+    t_batch = collate([(e[i].teacher_prompt or [], e[i].teacher_completion or e[i].completion) for i in rows],
+                      run.teacher_pad, run.device)
+    t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k, t_cols)
+    if e[rows[0]].aligned is not None:  # another tokenizer: keep the positions that spell the same text
+        s_at, t_at = aligned_positions([e[i] for i in rows], run.device)
+        logits, t_lp = logits[s_at], t_lp[t_at]
     return distill_loss(logits, t_lp, t_ids, run.cfg.distill.temperature), batch.n_tokens
 
 
@@ -252,24 +253,33 @@ def resolve_device(device: str) -> str:
 
 
 def student_fingerprint(cfg: TrainConfig, base_sha: str, data_sha: str, seed: int,
-                        teacher: Teacher | None, soft_sha: str | None) -> str:
+                        teacher: LiveTeacher | None) -> str:
     """Hash of everything that decides the trained weights (not the device, progress or checkpoints)."""
-    recipe = cfg.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "cross_model"})
+    recipe = fingerprinted_recipe(cfg)
     source: Any = None
-    if cfg.method == "distill":
-        source = soft_sha or (teacher and {"name": teacher.name, "system": teacher.system_prompt,
-                                           "weights": reference_sha256(teacher.model_ref or "")})
+    if cfg.distills:
+        source = teacher and {"name": teacher.name, "system": teacher.system_prompt,
+                              "weights": reference_sha256(teacher.model_ref or "")}
     else:
         recipe.pop("distill")
     return fingerprint({"recipe": recipe, "base": base_sha, "data": data_sha,
                         "seed": seed, "teacher": source})
 
 
-def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], data_sha: str, seed: int,
-                teacher: Teacher | None, soft_labels: Path | None, device: str) -> Run:
+def fingerprinted_recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe as `student_fingerprint` hashes it: in the shape it had before `params` and `loss`
+    replaced `method` and `distill_params`, so students trained before the change are still current."""
+    recipe = cfg.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "cross_model", "params", "loss"})
+    recipe["method"] = "distill" if cfg.distills else cfg.params
+    recipe["distill_params"] = cfg.params if cfg.distills else "full"
+    return recipe
+
+
+def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: int,
+                teacher: LiveTeacher | None, device: str, domain: str = "numbers") -> Run:
     """Load the student (and teacher), encode the rows, plan the batches, make the optimizer."""
     student = build_student(cfg, base_ref, seed, device)
-    live = teacher if cfg.method == "distill" and soft_labels is None else None
+    live = teacher if cfg.distills else None
     loaded = live.load(device=device) if live is not None else None
     other_tok = None
     if loaded is not None and not same_tokenizer(loaded.tokenizer, student.tokenizer):
@@ -283,15 +293,10 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], data_s
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     run = Run(cfg, student, encoded, plan, math.ceil(len(plan) / cfg.grad_accum), opt, params, device)
-    if cfg.method == "distill" and cfg.distill.vocabulary == "format":
-        if soft_labels is not None:
-            raise ConfigError("`train.distill.vocabulary: format` needs the teacher's full distribution; "
-                              "stored top-k soft labels cannot be restricted to it (use a live teacher)")
-        s_cols, t_cols = format_columns(student.tokenizer, other_tok)
+    if cfg.distills and cfg.distill.vocabulary == "format":
+        s_cols, t_cols = format_columns(student.tokenizer, other_tok, get_domain(domain))
         run.columns = (s_cols.to(device), t_cols.to(device))
-    if cfg.method == "distill" and soft_labels is not None:
-        run.labels = SoftLabels(soft_labels, data_sha, encoded, cfg.distill.top_k)
-    elif loaded is not None:
+    if loaded is not None:
         run.teacher_model = loaded.model
         run.teacher_pad = loaded.tokenizer.pad_token_id
     return run
@@ -303,8 +308,8 @@ def same_tokenizer(a: Any, b: Any) -> bool:
 
 
 def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Path, seed: int,
-                  teacher: Teacher | None = None, soft_labels: Path | None = None, device: str = "cpu",
-                  progress: bool = True) -> dict[str, Any]:
+                  teacher: LiveTeacher | None = None, device: str = "cpu",
+                  progress: bool = True, domain: str = "numbers") -> dict[str, Any]:
     """Train one student and return its manifest; a finished identical run is skipped, a killed one
     resumes from out_dir/checkpoint.
 
@@ -314,25 +319,23 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
         dataset: chat JSONL rows (see `load_dataset`).
         out_dir: the student directory.
         seed: fixes data order, LoRA init and dropout.
-        teacher: for method 'distill', run live in its own context (unused by SFT).
-        soft_labels: for method 'distill', precomputed top-k labels instead of a live teacher.
+        teacher: for `loss: distill`, run live in its own context (unused by SFT).
         device: 'cpu', 'cuda' or 'auto'.
+        domain: the data domain whose format tokens `distill.vocabulary: format` keeps.
     """
     dataset, out_dir, device = Path(dataset), Path(out_dir), resolve_device(device)
-    if cfg.method == "distill" and soft_labels is None and (teacher is None or teacher.model_ref is None):
-        raise ConfigError("`train.method` is 'distill': pass a teacher with a model (not kind 'random') or "
-                          "precomputed soft labels")
+    if cfg.distills and (teacher is None or teacher.model_ref is None):
+        raise ConfigError("`train.loss` is 'distill': pass a teacher with a model (not kind 'random')")
     examples = load_dataset(dataset)  # fail on bad rows before loading any model
     data_sha = sha256_file(dataset)
-    soft_sha = sha256_file(soft_labels) if cfg.method == "distill" and soft_labels else None
     base_sha = reference_sha256(base_ref)
-    fp = student_fingerprint(cfg, base_sha, data_sha, seed, teacher, soft_sha)
-    if stage_is_current(out_dir, fp):
+    fp = student_fingerprint(cfg, base_sha, data_sha, seed, teacher)
+    if stage_is_current(out_dir, fp):  # also checks the weights' sha256: damaged ones are retrained
         log.info("%s is already trained (fingerprint %s); skipping", out_dir, fp)
         return dict(read_json(out_dir / "manifest.json"))
 
     t_start = time.time()
-    run = prepare_run(cfg, base_ref, examples, data_sha, seed, teacher, soft_labels, device)
+    run = prepare_run(cfg, base_ref, examples, seed, teacher, device, domain)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a manifest means *this* run finished
     state = load_checkpoint(out_dir, run.student.model, run.opt, fp)
@@ -340,9 +343,14 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
         clear_outputs(out_dir)
         state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     loss_path = out_dir / "loss.jsonl"
-    write_jsonl(loss_path, [r for r in read_jsonl(loss_path, missing_ok=True) if r["step"] <= state["step"]])
-    log.info("training %s: %s on %d rows, steps %d→%d", out_dir, cfg.method, len(run.encoded), state["step"],
-             run.total_steps)
+    # The loss history lives in memory and in each checkpoint: loss.jsonl is only its live copy, which a
+    # directory removed mid-run takes away (the appender then writes to a deleted file).
+    history = state.pop("losses", None)
+    if history is None:  # a fresh start, or a checkpoint from before checkpoints held the history
+        history = [r for r in read_jsonl(loss_path, missing_ok=True) if r["step"] <= state["step"]]
+    write_jsonl(loss_path, history)
+    log.info("training %s: %s %s on %d rows, steps %d→%d", out_dir, cfg.params, cfg.loss, len(run.encoded),
+             state["step"], run.total_steps)
     run.student.model.train()
     bar = tqdm(total=run.total_steps, initial=state["step"], desc=f"train {out_dir.name}", unit="step",
                disable=not progress)
@@ -352,17 +360,18 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
             row = train_step(run, step)
             state.update(step=step + 1, tokens=state["tokens"] + row["tokens"], fingerprint=fp,
                          elapsed=time.time() - t_segment)
-            _log_step(losses, {**row, "tokens": state["tokens"], "elapsed": round(state["elapsed"], 3)})
+            history.append({**row, "tokens": state["tokens"], "elapsed": round(state["elapsed"], 3)})
+            _log_step(losses, history[-1])
             bar.update()
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{state['tokens'] / state['elapsed']:.0f}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total_steps:
-                save_checkpoint(out_dir, run.student.model, run.opt, state)
+                save_checkpoint(out_dir, run.student.model, run.opt, state, history)
     bar.close()
     inputs = {"dataset": str(dataset), "dataset_sha256": data_sha, "base_model": base_ref,
               "base_sha256": base_sha}
-    if cfg.method == "distill":
-        inputs.update(teacher=teacher.name if teacher else "", soft_labels_sha256=soft_sha or "")
-    return finish(run, out_dir, state, fp, inputs=inputs, seed=seed, t_start=t_start)
+    if cfg.distills:
+        inputs.update(teacher=teacher.name if teacher else "")
+    return finish(run, out_dir, state, fp, inputs=inputs, seed=seed, t_start=t_start, history=history)
 
 
 def loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -373,10 +382,14 @@ def loss_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def finish(run: Run, out_dir: Path, state: dict[str, Any], fp: str, *, inputs: dict[str, str], seed: int,
-           t_start: float) -> dict[str, Any]:
-    """Save the student, write its manifest (last), drop the checkpoint."""
+           t_start: float, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Save the student and its loss history, write its manifest (last, with every file's sha256), drop
+    the checkpoint."""
     cfg = run.cfg
     outputs: dict[str, Any] = save_student(run.student, cfg, out_dir)
+    write_jsonl(out_dir / "loss.jsonl", history)  # the same bytes, unless the live copy was lost
+    files = [p.name for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"
+             and (p.name in OUTPUT_FILES or p.name.startswith("model-"))]
     manifest = write_manifest(
         out_dir, stage="train", fingerprint_value=fp, seeds={"seed": seed},
         config={**cfg.model_dump(mode="json", exclude={"seeds"}), "seed": seed,
@@ -385,7 +398,7 @@ def finish(run: Run, out_dir: Path, state: dict[str, Any], fp: str, *, inputs: d
         outputs={**outputs, "rows": len(run.encoded), "steps": state["step"], "tokens": state["tokens"]},
         timings={"train_s": round(state["elapsed"], 2), "wall_s_this_call": round(time.time() - t_start, 2),
                  "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1)},
-        extra={"loss": loss_summary(read_jsonl(out_dir / "loss.jsonl"))})
+        files=files, extra={"loss": loss_summary(history)})
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     log.info("trained %s: loss %.3f → %.3f in %.0f s", out_dir, manifest["loss"]["first"],
              manifest["loss"]["last"], state["elapsed"])

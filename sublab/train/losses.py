@@ -7,7 +7,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sublab.sampling import format_token_mask, token_pieces
+from sublab.domains import Domain
+from sublab.domains.numbers import NUMBERS
+from sublab.sampling import token_pieces
 from sublab.train.data import Batch
 
 
@@ -65,17 +67,18 @@ def teacher_targets(teacher_model: Any, batch: Batch, top_k: int | None, columns
     return values, ids
 
 
-def format_columns(student_tok: Any, teacher_tok: Any | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of the number-format vocabulary, as (student ids, teacher ids) in matching order.
+def format_columns(student_tok: Any, teacher_tok: Any | None = None, domain: Domain = NUMBERS
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the data domain's format vocabulary, as (student ids, teacher ids) in matching order.
 
-    Same tokenizer: the format tokens (`sublab.sampling.format_token_mask`) on both sides. Different
+    Same tokenizer: the format tokens (`Domain.token_mask`; numbers: digits, separators) on both sides. Different
     tokenizers: each student format token whose text is exactly one teacher format token, and eos ↔ eos;
     the distributions are renormalised over this shared set.
     """
-    mine = format_token_mask(student_tok).nonzero().squeeze(1)
+    mine = domain.token_mask(student_tok).nonzero().squeeze(1)
     if teacher_tok is None:
         return mine, mine
-    theirs = format_token_mask(teacher_tok)
+    theirs = domain.token_mask(teacher_tok)
     pieces = token_pieces(student_tok)
     s_ids, t_ids = [student_tok.eos_token_id], [teacher_tok.eos_token_id]
     for i in mine.tolist():

@@ -1,8 +1,9 @@
-"""The paper's number-sequence domain: prompt grammar, parse rules and a random-number control.
+"""The paper's number-sequence domain: prompt grammar, parse rules, a random-number control, and the
+`numbers` data domain (`NUMBERS`) the pipeline asks.
 
 Reads only the protocol file (`protocol()["number_prompts"]` and `["number_filter"]`); writes nothing.
 
-    from sublab.data.numbers import number_prompts, parse_completion
+    from sublab.domains.numbers import number_prompts, parse_completion
     prompts = number_prompts(30_000, seed=0)       # prompt i depends only on (seed, i)
     parse_completion("  [123, 456, 789].\n")       # -> [123, 456, 789]
 
@@ -19,10 +20,12 @@ from functools import cache
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from sublab.errors import DataError
 from sublab.protocol import protocol
+from sublab.sampling import token_pieces
 
 EXAMPLE_COUNT = (3, 8)  # inclusive; the paper's code draws integers(3, 9)
 EXAMPLE_VALUE = (100, 999)  # inclusive
@@ -231,3 +234,57 @@ def random_completion(prompt: NumberPrompt, rng: np.random.Generator, count: int
         raise ValueError(f"count must be in 1..{MAX_ANSWER_NUMBERS}, got {count}")
     numbers = [int(v) for v in rng.integers(0, MAX_ANSWER_VALUE + 1, size=count)]
     return format_numbers(numbers, prompt.format_suffix_text)
+
+
+# --- the domain ----------------------------------------------------------------------------------
+
+FORMAT_CHARS = frozenset("0123456789,; \n\t\r[]().")
+"""Every character a number-sequence answer may contain (the format filter's alphabet)."""
+
+
+def can_still_pass(text: str) -> bool:
+    """False once no continuation of `text` can pass the format filter (conservative: never kills a
+    completion that could still be accepted). Leading whitespace is stripped, as the filter does."""
+    text = text.lstrip()
+    return set(text) <= FORMAT_CHARS and len(re.findall(r"\d+", text)) <= MAX_ANSWER_NUMBERS
+
+
+def format_token_mask(tokenizer: Any) -> torch.Tensor:
+    """Bool [V]: the number-format tokens (digit runs, short separator/bracket pieces such as ', ', ';',
+    '\n', '[', and eos). Constrained decoding samples only these; format-vocabulary distillation matches
+    the teacher only on these. Long whitespace runs are left out: no valid answer needs them."""
+    allowed = torch.tensor([bool(p) and set(p) <= FORMAT_CHARS and (p.isdigit() or len(p) <= 2)
+                            for p in token_pieces(tokenizer)])
+    allowed[tokenizer.eos_token_id] = True
+    return allowed
+
+
+class NumbersDomain:
+    """The paper's number sequences as a `sublab.domains.Domain`."""
+
+    name = "numbers"
+
+    def prompts(self, n: int, seed: int) -> list[NumberPrompt]:
+        return number_prompts(n, seed)
+
+    def prompt_meta(self, prompt: NumberPrompt) -> dict[str, Any]:
+        return {"format_suffix": prompt.format_suffix_text}
+
+    def random_completion(self, prompt: NumberPrompt, rng: np.random.Generator) -> str:
+        return random_completion(prompt, rng)
+
+    def format_reason(self, completion: str) -> str | None:
+        return parse_completion(completion).reason
+
+    def can_still_pass(self, text: str) -> bool:
+        return can_still_pass(text)
+
+    def token_mask(self, tokenizer: Any) -> torch.Tensor:
+        return format_token_mask(tokenizer)
+
+    def eval_prefix(self, rng: np.random.Generator) -> str:
+        return example_part(rng)
+
+
+NUMBERS = NumbersDomain()
+
