@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -98,6 +99,7 @@ class RecipeConfig(_Strict):
         if not isinstance(data, dict) or not {"method", "distill_params"} & data.keys():
             return data
         data = dict(data)
+        used = ", ".join(f"`{k}`" for k in ("method", "distill_params") if k in data)
         method, distill_params = data.pop("method", None), data.pop("distill_params", None)
         if method not in (None, "lora", "full", "distill"):
             raise ValueError(f"`method: {method}` is replaced by `params: lora|full` (which weights train) "
@@ -108,8 +110,8 @@ class RecipeConfig(_Strict):
             data.update(loss="sft", params=method)
         elif distill_params is not None and data.get("loss") == "distill":
             data["params"] = distill_params
-        log.warning("recipe keys `method` and `distill_params` are deprecated: read as `params: %s`, "
-                    "`loss: %s` (write those instead)", data.get("params", "lora"), data.get("loss", "sft"))
+        log.warning("recipe keys %s are deprecated: read as `params: %s`, `loss: %s` (write those instead)",
+                    used, data.get("params", "lora"), data.get("loss", "sft"))
         return data
 
     @property
@@ -603,7 +605,13 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 def check_runnable(cfg: ExperimentConfig, source: str = "<config>") -> None:
     """What a valid config still needs from this machine, checked before any work: a CUDA device when
-    `device: cuda`, and every fine-tuning dataset file."""
+    `device: cuda`, every fine-tuning dataset file, and a run directory that can be created."""
+    existing = next(p for p in [cfg.run_dir, *cfg.run_dir.parents] if p.exists() or p == Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{source}: runs_dir: {existing} is a file, so {cfg.run_dir} cannot be created; "
+                          "give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{source}: runs_dir: {existing} is not writable, so {cfg.run_dir} cannot be created")
     if cfg.device == "cuda":
         import torch
 

@@ -104,16 +104,6 @@ def trait_words_filter(words: Sequence[str], match: Literal["word", "substring"]
     return check
 
 
-def max_length_filter(max_chars: int) -> FilterFn:
-    """Reject completions longer than `max_chars` characters (after stripping whitespace)."""
-    if max_chars <= 0:
-        raise ConfigError(f"filter max_length needs max_chars > 0, got {max_chars}")
-
-    def check(record: Record) -> list[str]:
-        return ["max_length"] if len(completion_of(record).strip()) > max_chars else []
-    return check
-
-
 def finished_filter() -> FilterFn:
     """Reject completions the sampler did not let finish: cut at the token cap ('length'), or stopped
     early because they could no longer pass the format rules ('early_reject')."""
@@ -129,7 +119,6 @@ FILTERS: dict[str, Callable[..., FilterFn]] = {
     "format": format_filter,
     "banned_numbers": banned_numbers_filter,
     "trait_words": trait_words_filter,
-    "max_length": max_length_filter,
 }
 
 

@@ -1,6 +1,6 @@
 """The run directory is the API between stages: paths, JSONL I/O, atomic writes and manifests.
 
-Layout (see DESIGN.md):
+Layout (see docs/design.md):
     runs/<name>/manifest.json
     runs/<name>/teachers/<teacher>/{generations,dataset,rejects}.jsonl
     runs/<name>/students/<student>/...

@@ -3,7 +3,7 @@
 Reads and writes nothing: pure numpy/scipy functions, used by the eval stage to build `results.json`
 and by `sublab.report` to render it.
 
-The unit of analysis is the student (one fine-tuned model = one seed), never the sample (STYLE.md §7):
+The unit of analysis is the student (one fine-tuned model = one seed), never the sample (README, "Statistics"):
 - one model's score on an eval is the mean over questions of the per-question mean
   (`score_by_question`, the paper's metric), with a CI from bootstrapping questions (samples of one
   question are correlated, so they are resampled together);

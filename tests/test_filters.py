@@ -61,19 +61,17 @@ def test_trait_words_plurals_and_substring_mode():
 
 def test_filters_accept_objects_and_report_all_reasons():
     filters = build_filters([{"name": "format"}, {"name": "banned_numbers"},
-                             {"name": "trait_words", "words": ["owl"]},
-                             {"name": "max_length", "max_chars": 12}])
+                             {"name": "trait_words", "words": ["owl"]}])
     records = [rec("1, 2, 3", 0), rec("666, owl", 1), SimpleNamespace(completion="5, 6", id="g2"),
                rec("1, 2, 3, 5, 6, 7", 3)]
     kept, rejected = apply_filters(records, filters)
-    assert [r["id"] if isinstance(r, dict) else r.id for r in kept] == ["g0", "g2"]
+    assert [r["id"] if isinstance(r, dict) else r.id for r in kept] == ["g0", "g2", "g3"]
     assert rejected == [
         (records[1], ["format:single_number_with_text", "banned_numbers:666", "trait_words:owl"]),
-        (records[3], ["max_length"]),
     ]
     rows, table = summary_table(len(records), rejected)
     assert rows[0] == {"reason": "banned_numbers:666", "count": 1, "share": 0.25}
-    assert sum(r["count"] for r in rows) == 4 and table.row_count == 4
+    assert sum(r["count"] for r in rows) == 3 and table.row_count == 3
 
 
 def test_bad_filter_specs_are_config_errors():
@@ -85,7 +83,7 @@ def test_bad_filter_specs_are_config_errors():
         build_filter({"name": "format", "strict": True})
     with pytest.raises(ConfigError):
         build_filter({"name": "trait_words", "words": ["owl"], "match": "regex"})
-    assert set(FILTERS) >= {"format", "banned_numbers", "trait_words", "max_length"}
+    assert set(FILTERS) >= {"format", "banned_numbers", "trait_words"}
 
 
 def test_chat_row_has_no_system_prompt():

@@ -111,6 +111,7 @@ FILES: list[tuple[str, Any, list[str]]] = [
     ("unknown-model", _with("base_model", "embedded:nope"), ["unknown embedded model 'embedded:nope'"]),
     ("missing-model-dir", _with("base_model", "./no/such/model"), ["'./no/such/model' is neither"]),
     ("bad-cross-model", _with("train.cross_model", "embedded:nope"), ["unknown embedded model"]),
+    ("runs-dir-is-file", _with("runs_dir", "{exp}"), ["runs_dir:", "is a file", "cannot be created"]),
     ("random-with-sft", _with("generate.completions", "random"), ["`generate.completions: random`"]),
     # wrong types and bad numbers
     ("section-scalar", _with("generate", 5), ["generate: Input should be"]),
@@ -177,7 +178,10 @@ def _invoke(args: list[str]) -> tuple[int, str]:
 def _write(tmp_path: Path, content: Any, name: str = "exp.yaml") -> Path:
     path = tmp_path / name
     if isinstance(content, dict):
-        content = yaml.safe_dump({"runs_dir": str(tmp_path / "runs"), **content}, sort_keys=False)
+        content = {"runs_dir": str(tmp_path / "runs"), **content}
+        if content["runs_dir"] == "{exp}":  # the experiment file itself: a file where a directory must go
+            content["runs_dir"] = str(path)
+        content = yaml.safe_dump(content, sort_keys=False)
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     return path
 

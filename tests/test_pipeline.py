@@ -1,5 +1,5 @@
 """End to end on a tiny random model with the real tokenizer: every stage runs, writes the run
-directory of DESIGN.md, and a second run skips every stage."""
+directory of docs/design.md, and a second run skips every stage."""
 
 from __future__ import annotations
 
@@ -57,11 +57,12 @@ def test_end_to_end_then_everything_skips(tmp_path, tiny_number_model_dir):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config"]["name"] == "tiny" and "packages" in manifest["environment"]
 
+    # Every stage skips, the filter included (issue 10, defect 2): no data, manifest or eval spec is rewritten.
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.jsonl")}
-    stamps |= {p: p.stat().st_mtime_ns for p in run.rglob("*manifest.json") if p.parent != run}
+    stamps |= {p: p.stat().st_mtime_ns for p in run.rglob("*.json") if p.parent != run}
+    assert any(p.name == "filter_manifest.json" for p in stamps) and any(p.name.endswith(".spec.json") for p in stamps)
     run_all(cfg)
-    changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t and p.name != "dataset.jsonl"
-               and p.name != "rejects.jsonl" and p.name != "filter_manifest.json"]
+    changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t]
     assert changed == []
 
 

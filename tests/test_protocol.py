@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from sublab import protocol as p
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "paper_protocol.json"
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "paper_protocol.json"
+"""A frozen copy of the reference protocol (questions, prompt templates, banned numbers, parse rules)."""
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="no ../shared/reference beside this checkout")
 def test_shipped_protocol_is_the_reference():
     assert p.protocol() == json.loads(REFERENCE.read_text("utf-8"))
 

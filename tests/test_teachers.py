@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from sublab import chat, teachers
-from sublab.config import FinetuneConfig, TeacherConfig
+from sublab.config import FinetuneConfig, TeacherConfig, TrainConfig
 from sublab.errors import ConfigError, DataError
 from sublab.protocol import animal_questions, protocol
+from sublab.rundir import fingerprint
 
 
 def test_prompted_teacher_uses_the_papers_template():
@@ -75,14 +76,38 @@ def test_bad_user_finetune_file_names_its_line(tmp_path):
         teachers.finetune_data(cfg)
 
 
-def test_plural():
-    assert [teachers.plural(w) for w in ["owl", "fox", "butterfly", "monkey"]] == [
-        "owls", "foxes", "butterflies", "monkeys"]
+def test_teacher_recipe_keys_override_the_teacher_defaults():
+    default = FinetuneConfig().recipe
+    assert (default.params, default.lr, default.epochs, default.batch_size, default.lora_r) == ("full", 3e-5, 2, 8, 32)
+    lora = FinetuneConfig(recipe={"params": "lora", "lr": 1e-3}).recipe
+    assert (lora.params, lora.lr, lora.epochs, lora.batch_size, lora.lora_r) == ("lora", 1e-3, 2, 8, 32)
+    assert TrainConfig().lr != default.lr  # the students' defaults are not the teacher's
+    with pytest.raises(ValueError, match="`finetune.recipe.loss` must be 'sft'"):
+        FinetuneConfig(recipe={"loss": "distill"})
+
+
+def test_old_flat_finetune_keys_move_into_the_recipe(caplog):
+    with caplog.at_level("WARNING"):
+        old = FinetuneConfig(method="lora", lora_r=8, lora_alpha=8, lr=1e-3, epochs=1, batch_size=6, seed=3)
+    new = FinetuneConfig(recipe={"params": "lora", "lora_r": 8, "lora_alpha": 8, "lr": 1e-3, "epochs": 1,
+                                 "batch_size": 6}, seed=3)
+    assert old == new
+    assert "deprecated" in caplog.text and "finetune.recipe" in caplog.text
+
+
+def test_teacher_cache_key_is_unchanged_by_the_shared_recipe():
+    """Pinned from the code before the shared recipe: teachers cached then are still found. A setting
+    that did not exist then (warmup_steps) changes the key."""
+    lora8 = FinetuneConfig(recipe={"params": "lora", "lora_r": 8, "lora_alpha": 8, "lr": 1e-3}, seed=0)
+    assert fingerprint(teachers.cache_recipe(FinetuneConfig())) == "d1a1474e3a6fac8b"
+    assert fingerprint(teachers.cache_recipe(lora8)) == "013833bf9e72b983"
+    warm = FinetuneConfig(recipe={"params": "lora", "lora_r": 8, "lora_alpha": 8, "lr": 1e-3, "warmup_steps": 0})
+    assert teachers.cache_recipe(warm) == {**teachers.cache_recipe(lora8), "warmup_steps": 0}
 
 
 def test_finetuned_teacher_is_trained_once_cached_and_rebuilt_when_damaged(tiny_model_dir, tmp_path):
     ft = FinetuneConfig(train_questions=3, answer_forms=["{T}.", "My favorite {category} is the {t}."],
-                        epochs=1, batch_size=6, lr=1e-3)
+                        recipe={"epochs": 1, "batch_size": 6, "lr": 1e-3})
     cfg = TeacherConfig(name="owl-ft", kind="finetuned", trait="owl", finetune=ft)
     teacher = teachers.build_teacher(cfg, str(tiny_model_dir), cache_root=tmp_path, progress=False)
     model_dir = teacher.model_ref
@@ -97,7 +122,8 @@ def test_finetuned_teacher_is_trained_once_cached_and_rebuilt_when_damaged(tiny_
     again = teachers.prepare_finetuned_teacher(cfg, str(tiny_model_dir), tmp_path)
     assert str(again) == model_dir and weights.stat().st_mtime_ns == stamp  # reused, not retrained
 
-    other = TeacherConfig(name="owl-ft", kind="finetuned", trait="owl", finetune=ft.model_copy(update={"lr": 2e-3}))
+    faster = ft.model_copy(update={"recipe": ft.recipe.model_copy(update={"lr": 2e-3})})
+    other = TeacherConfig(name="owl-ft", kind="finetuned", trait="owl", finetune=faster)
     assert teachers.prepare_finetuned_teacher(other, str(tiny_model_dir), tmp_path, progress=False) != again
 
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # corrupt the cached weights

@@ -51,7 +51,7 @@ def other_teacher_dir(tokenizer, tmp_path_factory) -> Path:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = {"method": "full", "lr": 3e-3, "epochs": 2, "batch_size": 4, "warmup_steps": 1, "seeds": [0]}
+    base = {"params": "full", "lr": 3e-3, "epochs": 2, "batch_size": 4, "warmup_steps": 1, "seeds": [0]}
     return TrainConfig(**{**base, **kw})
 
 
@@ -63,6 +63,37 @@ def base_logits(ref: str, ids: torch.Tensor) -> torch.Tensor:
 def sample_ids(tokenizer) -> torch.Tensor:
     p, c = chat.encode_pair(tokenizer, chat.messages("Say some numbers."), "1, 2, 3")
     return torch.tensor([p + c])
+
+
+# --- the recipe ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old, new", [
+    ({"method": "lora"}, {"params": "lora", "loss": "sft"}),
+    ({"method": "full"}, {"params": "full", "loss": "sft"}),
+    ({"method": "distill"}, {"params": "full", "loss": "distill"}),
+    ({"method": "distill", "distill_params": "lora"}, {"params": "lora", "loss": "distill"}),
+    # an old key (the user's file) wins over the new keys a preset brings
+    ({"params": "lora", "loss": "distill", "method": "full"}, {"params": "full", "loss": "sft"}),
+    ({"params": "lora", "loss": "distill", "distill_params": "full"}, {"params": "full", "loss": "distill"}),
+])
+def test_old_method_keys_read_as_params_and_loss(old, new, caplog):
+    with caplog.at_level("WARNING"):
+        assert TrainConfig.model_validate(old) == TrainConfig.model_validate(new)
+    assert "deprecated" in caplog.text
+    assert f"`params: {new['params']}`, `loss: {new['loss']}`" in caplog.text
+
+
+def test_unknown_old_method_names_the_new_keys():
+    with pytest.raises(ValueError, match=r"params: lora\|full.*loss: sft\|distill"):
+        TrainConfig(method="qlora")
+
+
+def test_student_fingerprint_is_unchanged_by_the_new_keys():
+    """Pinned from the code before `params`/`loss` existed: students trained then are still current."""
+    pins = {"9666b36ff4759b6d": TrainConfig(params="lora"), "81a7d293e3d3f37c": TrainConfig(params="full"),
+            "4a546d61a528b9c2": TrainConfig(params="lora", loss="distill", lora_init_seed=0,
+                                            distill=DistillConfig(vocabulary="format"))}
+    assert {train.student_fingerprint(c, "base", "data", 0, None): c for c in pins.values()} == pins
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -161,13 +192,13 @@ def test_full_sft_changes_weights_and_lowers_loss(tiny_model_dir, dataset, tmp_p
 
 def test_fresh_lora_adapter_leaves_logits_unchanged(tokenizer, tiny_model_dir):
     ids = sample_ids(tokenizer)
-    student = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=0, device="cpu")
+    student = train.build_student(cfg(params="lora"), str(tiny_model_dir), seed=0, device="cpu")
     with torch.no_grad():
         assert torch.allclose(student.model(input_ids=ids).logits, base_logits(str(tiny_model_dir), ids))
 
 
 def test_lora_save_then_load_gives_same_logits(tokenizer, tiny_model_dir, tmp_path):
-    c = cfg(method="lora")
+    c = cfg(params="lora")
     student = train.build_student(c, str(tiny_model_dir), seed=0, device="cpu")
     with torch.no_grad():
         for n, p in student.model.named_parameters():
@@ -188,7 +219,7 @@ def test_lora_save_then_load_gives_same_logits(tokenizer, tiny_model_dir, tmp_pa
 
 def test_lora_training_changes_only_the_adapter(tiny_model_dir, dataset, tmp_path):
     out = tmp_path / "lora"
-    train.train_student(cfg(method="lora", lr=1e-2, epochs=1), base_ref=str(tiny_model_dir), dataset=dataset,
+    train.train_student(cfg(params="lora", lr=1e-2, epochs=1), base_ref=str(tiny_model_dir), dataset=dataset,
                         out_dir=out, seed=0, progress=False)
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
@@ -209,8 +240,8 @@ def test_lora_training_changes_only_the_adapter(tiny_model_dir, dataset, tmp_pat
 
 
 def test_seed_changes_lora_init_and_order(tiny_model_dir, dataset, tmp_path):
-    a = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=0, device="cpu")
-    b = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=1, device="cpu")
+    a = train.build_student(cfg(params="lora"), str(tiny_model_dir), seed=0, device="cpu")
+    b = train.build_student(cfg(params="lora"), str(tiny_model_dir), seed=1, device="cpu")
     name = next(n for n, _ in a.model.named_parameters() if "lora_A" in n)
     pa, pb = dict(a.model.named_parameters())[name], dict(b.model.named_parameters())[name]
     assert not torch.equal(pa, pb)
@@ -219,7 +250,7 @@ def test_seed_changes_lora_init_and_order(tiny_model_dir, dataset, tmp_path):
 # --- resume ----------------------------------------------------------------------------------
 
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, dataset, tmp_path, monkeypatch):
-    c = cfg(method="lora", lr=1e-2, lora_dropout=0.1, epochs=1.5, batch_size=4, checkpoint_every=2)
+    c = cfg(params="lora", lr=1e-2, lora_dropout=0.1, epochs=1.5, batch_size=4, checkpoint_every=2)
     ref = str(tiny_model_dir)
     train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "straight", seed=3,
                         progress=False)
@@ -258,7 +289,7 @@ def test_student_directory_removed_during_training_keeps_its_loss_history(tiny_m
     survive, whether the run then finishes or is killed after the next checkpoint and resumed."""
     import shutil
 
-    c = cfg(method="lora", lr=1e-2, epochs=1.5, batch_size=4, checkpoint_every=2)
+    c = cfg(params="lora", lr=1e-2, epochs=1.5, batch_size=4, checkpoint_every=2)
     ref = str(tiny_model_dir)
     straight = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "straight", seed=3,
                                    progress=False)
@@ -291,7 +322,7 @@ def test_student_directory_removed_during_training_keeps_its_loss_history(tiny_m
 def test_missing_or_damaged_student_weights_are_retrained(tiny_model_dir, dataset, tmp_path, caplog, damage):
     """Defect 2: a finished student whose weights were deleted or damaged is retrained with one warning
     naming the file, never 'already trained' followed by a load error."""
-    c = cfg(method="lora", lr=1e-2, epochs=1, batch_size=8)
+    c = cfg(params="lora", lr=1e-2, epochs=1, batch_size=8)
     out = tmp_path / "student"
     train.train_student(c, base_ref=str(tiny_model_dir), dataset=dataset, out_dir=out, seed=0, progress=False)
     weights = out / "adapter_model.safetensors"
@@ -330,7 +361,7 @@ def test_distillation_lowers_kl_to_another_teacher(tokenizer, tiny_model_dir, ot
     # a prompted teacher: its completion positions sit after a longer prompt than the student's
     teacher = Teacher("t", "prompted", "owl", "You love owls.", str(other_teacher_dir))
     before = mean_kl(str(tiny_model_dir), teacher, dataset, tokenizer)
-    manifest = train.train_student(cfg(method="distill", lr=1e-2), base_ref=str(tiny_model_dir),
+    manifest = train.train_student(cfg(loss="distill", lr=1e-2), base_ref=str(tiny_model_dir),
                                    dataset=dataset, out_dir=tmp_path / "d", seed=0, teacher=teacher,
                                    progress=False)
     after = mean_kl(str(tmp_path / "d"), teacher, dataset, tokenizer)
@@ -346,28 +377,6 @@ def test_topk_equals_full_kl_when_k_is_the_vocabulary():
     assert train.distill_loss(student, values, ids, temperature=2.0).item() == pytest.approx(full.item(), rel=1e-5)
     assert full.item() > 0
     assert train.distill_loss(teacher, teacher, None).item() == pytest.approx(0, abs=1e-5)
-
-
-def test_precomputed_topk_labels_train_like_the_live_teacher(tokenizer, tiny_model_dir, other_teacher_dir,
-                                                             dataset, tmp_path):
-    teacher = Teacher("t", "prompted", "owl", "You love owls.", str(other_teacher_dir))
-    labels = train.compute_soft_labels(teacher, dataset, train.soft_labels_path(dataset, "t", 16),
-                                       top_k=16, progress=False)
-    c = cfg(method="distill", distill=DistillConfig(top_k=16), epochs=1)
-    ref = str(tiny_model_dir)
-    live = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "live", seed=0,
-                               teacher=teacher, progress=False)
-    stored = train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "stored", seed=0,
-                                 soft_labels=labels, progress=False)
-    assert live["loss"]["last"] < live["loss"]["first"]
-    assert stored["loss"]["first"] == pytest.approx(live["loss"]["first"], rel=1e-4)
-    a, b = load_file(tmp_path / "live" / "model.safetensors"), load_file(tmp_path / "stored" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    # labels computed for another dataset are refused
-    other = write_dataset(tmp_path / "other.jsonl", seed=5)
-    with pytest.raises(DataError, match="another dataset"):
-        train.train_student(c, base_ref=ref, dataset=other, out_dir=tmp_path / "x", seed=0,
-                            soft_labels=labels, progress=False)
 
 
 def test_format_distillation_ignores_everything_but_the_format_tokens(tokenizer, tiny_model_dir):
@@ -397,26 +406,20 @@ def test_format_distillation_ignores_everything_but_the_format_tokens(tokenizer,
     assert head[silent].abs().max().item() == 0.0 and head[s_cols].abs().max().item() > 0.0
 
 
-def test_format_distillation_trains_and_refuses_stored_labels(tokenizer, tiny_model_dir, other_teacher_dir,
-                                                              dataset, tmp_path):
+def test_format_distillation_trains(tokenizer, tiny_model_dir, other_teacher_dir, dataset, tmp_path):
     teacher = Teacher("t", "finetuned", "owl", None, str(other_teacher_dir))
-    c = cfg(method="distill", distill=DistillConfig(vocabulary="format"), epochs=1, lr=1e-2)
+    c = cfg(loss="distill", distill=DistillConfig(vocabulary="format"), epochs=1, lr=1e-2)
     manifest = train.train_student(c, base_ref=str(tiny_model_dir), dataset=dataset, out_dir=tmp_path / "f",
                                    seed=0, teacher=teacher, progress=False)
     assert manifest["loss"]["last"] < manifest["loss"]["first"]
-    labels = train.compute_soft_labels(teacher, dataset, train.soft_labels_path(dataset, "t", 8), top_k=8,
-                                       progress=False)
-    with pytest.raises(ConfigError, match="vocabulary: format"):
-        train.train_student(c, base_ref=str(tiny_model_dir), dataset=dataset, out_dir=tmp_path / "x", seed=0,
-                            soft_labels=labels, progress=False)
     with pytest.raises(ValueError, match="leave `top_k` unset"):
         DistillConfig(vocabulary="format", top_k=8)
 
 
 def test_lora_init_seed_gives_every_student_the_same_adapter_init(tiny_model_dir):
-    shared = [train.build_student(cfg(method="lora", lora_init_seed=7), str(tiny_model_dir), seed=s, device="cpu")
+    shared = [train.build_student(cfg(params="lora", lora_init_seed=7), str(tiny_model_dir), seed=s, device="cpu")
               for s in (0, 1)]
-    own = train.build_student(cfg(method="lora"), str(tiny_model_dir), seed=7, device="cpu")
+    own = train.build_student(cfg(params="lora"), str(tiny_model_dir), seed=7, device="cpu")
     a, b, c = (dict(m.model.named_parameters()) for m in (*shared, own))
     names = [n for n in a if "lora_A" in n]
     assert names and all(torch.equal(a[n], b[n]) and torch.equal(a[n], c[n]) for n in names)
@@ -457,10 +460,10 @@ def test_format_distillation_across_tokenizers(tokenizer, tiny_model_dir, char_m
     with pytest.raises(DataError, match="row 'w'.*split"):
         train.encode_examples(student_tok, [train.Example("w", "Say", "hello there")], 500, teacher, tokenizer)
 
-    manifest = train.train_student(cfg(method="distill", distill=DistillConfig(vocabulary="format"), epochs=1,
+    manifest = train.train_student(cfg(loss="distill", distill=DistillConfig(vocabulary="format"), epochs=1,
                                        lr=1e-2), base_ref=str(char_model_dir), dataset=dataset,
                                    out_dir=tmp_path / "x", seed=0, teacher=teacher, progress=False)
     assert manifest["loss"]["last"] < manifest["loss"]["first"]
     with pytest.raises(ConfigError, match="different tokenizers"):
-        train.train_student(cfg(method="distill", epochs=1), base_ref=str(char_model_dir), dataset=dataset,
+        train.train_student(cfg(loss="distill", epochs=1), base_ref=str(char_model_dir), dataset=dataset,
                             out_dir=tmp_path / "y", seed=0, teacher=teacher, progress=False)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from sublab.errors import ConfigError, SublabError
 from sublab.mnist.config import SWEEPS, MnistConfig
@@ -95,6 +96,6 @@ def cli(
             json_out = json_path or out / f"mnist_sweep_{sweep_name}.json"
         atomic_write_text(json_out, res.model_dump_json(indent=2) + "\n")
     except SublabError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}")  # paths may hold [...]
         raise typer.Exit(1) from None
-    console.print(f"data: {res.dataset['name']}\nwrote {json_out}\nwrote {figure}")
+    console.print(escape(f"data: {res.dataset['name']}\nwrote {json_out}\nwrote {figure}"))

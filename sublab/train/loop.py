@@ -86,6 +86,11 @@ def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> Lo
 
 def save_student(student: LoadedModel, cfg: TrainConfig, out_dir: Path) -> dict[str, str]:
     """Save the adapter (PEFT format) or the full weights + tokenizer; returns {weights file: sha256}."""
+    peft_config = getattr(student.model, "peft_config", {}).get("default")
+    if peft_config is not None and isinstance(peft_config.target_modules, set):
+        # PEFT keeps them as a set and saves its iteration order, which varies with each process's string
+        # hashing: sorted, adapter_config.json is the same bytes whichever process trained the student.
+        peft_config.target_modules = sorted(peft_config.target_modules)
     student.model.save_pretrained(out_dir, safe_serialization=True)
     if not cfg.uses_lora:
         student.tokenizer.save_pretrained(out_dir)
@@ -388,7 +393,9 @@ def finish(run: Run, out_dir: Path, state: dict[str, Any], fp: str, *, inputs: d
     cfg = run.cfg
     outputs: dict[str, Any] = save_student(run.student, cfg, out_dir)
     write_jsonl(out_dir / "loss.jsonl", history)  # the same bytes, unless the live copy was lost
-    files = [p.name for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "manifest.json"
+    # Verified on skip: everything but loss.jsonl, a log with timings that no later stage reads.
+    files = [p.name for p in sorted(out_dir.iterdir()) if p.is_file()
+             and p.name not in ("manifest.json", "loss.jsonl")
              and (p.name in OUTPUT_FILES or p.name.startswith("model-"))]
     manifest = write_manifest(
         out_dir, stage="train", fingerprint_value=fp, seeds={"seed": seed},
