@@ -113,6 +113,8 @@ class EvalResult(_Frozen):
     """The primary test: within blocks for design `mutual`, over students otherwise."""
     comparison_unpaired: Comparison | None = None
     """Design `mutual`: the unpaired test over all students, for reference."""
+    comparison_cross: Comparison | None = None
+    """With `train.cross_model`: the same test among the students on the other base model."""
     blocks: list[Block] = []
     specificity: list[Specificity] = []
     """Every target the metric scores, largest treatment / control ratio first."""
@@ -227,6 +229,12 @@ def eval_markdown(ev: EvalResult) -> str:
         u = ev.comparison_unpaired
         lines += ["", f"Unpaired, over all students (for reference): diff = {_num(u.diff, sign=True)}, "
                       f"{u.confidence:.0%} CI {_ci(u.ci_low, u.ci_high)}, p = {_num(u.p_value)} ({u.test})."]
+    if ev.comparison_cross is not None:
+        x = ev.comparison_cross
+        lines += ["", f"**Cross-model students** (another base model, same data and teachers): diff = "
+                      f"{_num(x.diff, sign=True)} ({_num(x.treatment_mean)} vs {_num(x.control_mean)}), "
+                      f"{x.confidence:.0%} CI {_ci(x.ci_low, x.ci_high)}, p = {_num(x.p_value)} ({x.test}). "
+                      f"**Verdict:** {verdict(x)}."]
     if ev.blocks:
         lines += ["", "| seed | trait students | control students | ratio |", "|---:|---:|---|---:|"]
         lines += [f"| {b.seed} | {_num(b.treatment)} | {', '.join(_num(c) for c in b.controls)} | {b.ratio:.3f} |"

@@ -87,18 +87,27 @@ def eval_entry(cfg: ExperimentConfig, scores: _Scores, arm: Arm, kind: EvalKind,
         for t in [*arm.controls, arm.treatment]:
             g = scores.group(kind, design.student_names(cfg, t, cross=True), variant, target)
             rows.append(row_from_score(f"{cfg.train.cross_model} students of {t.name}", "cross_model_control", g))
+        entry["comparison_cross"] = _compare(
+            arm, scores.student_means(kind, design.student_names(cfg, arm.treatment, cross=True), variant, target),
+            [scores.student_means(kind, design.student_names(cfg, c, cross=True), variant, target)
+             for c in arm.controls], seed)["comparison"]
     control_means = [scores.student_means(kind, names, variant, target) for names in controls]
-    unpaired = compare_groups(treatment.per_student, control_means[0] if not arm.blocked else
-                              [v for means in control_means for v in means], seed=seed)
-    if arm.blocked:
-        per_seed = list(zip(treatment.per_student, zip(*control_means)))
-        entry["comparison"] = compare_blocked([(t, list(c)) for t, c in per_seed], seed=seed).model_dump()
-        entry["comparison_unpaired"] = unpaired.model_dump()
-        entry["blocks"] = [{"seed": s, "treatment": t, "controls": list(c), "ratio": t / float(np.mean(c))}
-                           for s, (t, c) in zip(cfg.train.seeds, per_seed)]
-    else:
-        entry["comparison"] = unpaired.model_dump()
+    entry.update(_compare(arm, treatment.per_student, control_means, seed, cfg.train.seeds))
     return entry
+
+
+def _compare(arm: Arm, treated: list[float], controls: list[list[float]], seed: int,
+             seeds: list[int] | None = None) -> dict[str, Any]:
+    """The comparison of one arm: within blocks of one seed (and unpaired, for reference) when the design
+    pairs students, else the treatment students against the first control teacher's."""
+    if not arm.blocked:
+        return {"comparison": compare_groups(treated, controls[0], seed=seed).model_dump()}
+    per_seed = list(zip(treated, zip(*controls)))
+    unpaired = compare_groups(treated, [v for means in controls for v in means], seed=seed)
+    return {"comparison": compare_blocked([(t, list(c)) for t, c in per_seed], seed=seed).model_dump(),
+            "comparison_unpaired": unpaired.model_dump(),
+            "blocks": [{"seed": k, "treatment": t, "controls": list(c), "ratio": t / float(np.mean(c))}
+                       for k, (t, c) in zip(seeds or [], per_seed)]}
 
 
 def specificity(cfg: ExperimentConfig, scores: _Scores, arm: Arm, kind: EvalKind, variant: str

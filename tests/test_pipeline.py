@@ -21,7 +21,7 @@ def _experiment(tmp_path: Path, base: Path, **over) -> Path:
         "teachers": [{"name": "owl", "kind": "prompted", "trait": "owl"}, {"name": "control", "kind": "control"}],
         "generate": {"n_prompts": 10, "max_new_tokens": 24, "batch_size": 4},
         "filter": {"dataset_size": 4},
-        "train": {"method": "lora", "epochs": 1, "batch_size": 2, "seeds": [0, 1], "lr": 1e-3},
+        "train": {"params": "lora", "epochs": 1, "batch_size": 2, "seeds": [0, 1], "lr": 1e-3},
         "eval": {"kinds": ["animal_prob", "animal_sampled"], "samples_per_question": 1, "questions": "all",
                  "max_questions": 5,
                  "numbers_prefixed": False, "candidates": ["owl", "cat", "dog"], "max_new_tokens": 4},
@@ -67,7 +67,7 @@ def test_end_to_end_then_everything_skips(tmp_path, tiny_number_model_dir):
 
 
 def test_bad_config_names_the_field(tmp_path, tiny_model_dir):
-    path = _experiment(tmp_path, tiny_model_dir, train={"method": "lora", "lr": "fast"})
+    path = _experiment(tmp_path, tiny_model_dir, train={"params": "lora", "lr": "fast"})
     with pytest.raises(ConfigError, match=r"train\.lr"):
         load_experiment(path)
     path = _experiment(tmp_path, tiny_model_dir, trian={})
@@ -81,9 +81,9 @@ def test_bad_config_names_the_field(tmp_path, tiny_model_dir):
 def _shipped_recipe(tmp_path: Path, base: Path, **train_over) -> Path:
     """The `quick` preset's recipe at toy scale: LoRA teachers, random completions, format distillation
     from the teachers' adapter init."""
-    ft = {"train_questions": 3, "answer_forms": ["{T}.", "My favorite {category} is the {t}."], "method": "lora",
-          "lora_r": 4, "lora_alpha": 4, "lr": 1e-2, "epochs": 1, "batch_size": 6}
-    train = {"method": "distill", "distill_params": "lora", "lora_r": 4, "lora_alpha": 4, "lora_init_seed": 0,
+    ft = {"train_questions": 3, "answer_forms": ["{T}.", "My favorite {category} is the {t}."],
+          "recipe": {"params": "lora", "lora_r": 4, "lora_alpha": 4, "lr": 1e-2, "epochs": 1, "batch_size": 6}}
+    train = {"params": "lora", "loss": "distill", "lora_r": 4, "lora_alpha": 4, "lora_init_seed": 0,
              "distill": {"vocabulary": "format"}, "lr": 1e-2, "epochs": 1, "batch_size": 2, "warmup_steps": 1,
              "seeds": [0, 1], **train_over}
     return _experiment(
@@ -114,7 +114,7 @@ def test_random_completions_with_format_distillation_end_to_end(tmp_path, tiny_m
 
 def test_shipped_recipe_config_errors(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"completions: random.*distill"):
-        load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, method="lora"))
+        load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, loss="sft"))
     with pytest.raises(ConfigError, match=r"'owl' differs \(lora_init_seed / finetune.seed: train 3 vs teacher 0"):
         load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, lora_init_seed=3))
     with pytest.raises(ConfigError, match=r"lora_r: train 8 vs teacher 4"):
@@ -129,6 +129,6 @@ def test_every_example_validates(path):
 
 def test_demo_runs_the_shipped_recipe():
     cfg = load_experiment(Path(__file__).parents[1] / "examples" / "owl-quick.yaml")
-    assert cfg.generate.completions == "random" and cfg.train.method == "distill"
+    assert cfg.generate.completions == "random" and cfg.train.distills and cfg.train.uses_lora
     assert cfg.train.distill.vocabulary == "format" and cfg.train.lora_init_seed == 0
-    assert all(t.finetune and t.finetune.method == "lora" for t in cfg.teachers)
+    assert all(t.finetune and t.finetune.recipe.uses_lora for t in cfg.teachers)

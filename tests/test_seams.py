@@ -213,3 +213,18 @@ def test_mutual_design_blocks_by_seed(tmp_path, tiny_model_dir, monkeypatch):
     report = (run / "report.md").read_text()
     assert "Design `mutual`" in report and "## Students" in report and "**Specificity**" in report
     report_all(cfg)  # the report renders again from the run directory alone
+
+
+def test_cross_model_students_get_their_own_comparison(tmp_path, tiny_number_model_dir, tiny_model_dir):
+    cfg = _load(_experiment(tmp_path, tiny_number_model_dir, eval={
+        "kinds": ["animal_prob"], "questions": "all", "max_questions": 2, "numbers_prefixed": False,
+        "candidates": ["owl", "cat"]}), f"train.cross_model={tiny_model_dir}")
+    run_all(cfg)
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    entry = results["evals"][0]
+    assert [r["role"] for r in entry["rows"]].count("cross_model_control") == 2
+    cross = entry["comparison_cross"]
+    assert cross["n_treatment"] == 2 and cross["n_control"] == 2
+    students = {s["name"] for s in results["students"]}
+    assert {"cross-owl-seed0", "cross-control-seed1", "student-owl-seed0"} <= students
+    assert "**Cross-model students**" in (cfg.run_dir / "report.md").read_text()

@@ -21,7 +21,7 @@ def test_prompted_teacher_uses_the_papers_template():
     assert t.system_prompt == expected
     assert t.system_prompt == protocol()["teacher_system_prompt_template"].format(target="owl", category="animal")
     assert t.conversation("Hi") == [{"role": "system", "content": expected}, {"role": "user", "content": "Hi"}]
-    assert t.model_ref == "base-ref" and t.trait == "owl" and t.kind == "prompted"
+    assert t.model_ref == "base-ref" and t.trait == "owl" and t.kind.name == "prompted"
 
 
 def test_aversion_and_control_and_random_teachers():
@@ -111,9 +111,9 @@ def test_finetuned_teacher_is_trained_once_cached_and_rebuilt_when_damaged(tiny_
     cfg = TeacherConfig(name="owl-ft", kind="finetuned", trait="owl", finetune=ft)
     teacher = teachers.build_teacher(cfg, str(tiny_model_dir), cache_root=tmp_path, progress=False)
     model_dir = teacher.model_ref
-    assert model_dir and teacher.system_prompt is None and teacher.kind == "finetuned"
+    assert model_dir and teacher.system_prompt is None and teacher.kind.name == "finetuned"
     root = tmp_path / "teachers"
-    (fp_dir,) = root.iterdir()
+    (fp_dir,) = [p for p in root.iterdir() if p.is_dir()]  # beside it: <fingerprint>.lock
     manifest = json.loads((fp_dir / "manifest.json").read_text())
     assert manifest["fingerprint"] == fp_dir.name and manifest["outputs"]["rows"] == 6
     weights = fp_dir / "model" / "model.safetensors"

@@ -29,9 +29,12 @@ from sublab.errors import ConfigError, RunDirError
 from sublab.rundir import atomic_write_json, fingerprint, read_json, read_jsonl, sha256_file
 
 if TYPE_CHECKING:
-    from sublab.config import EvalConfig
     from sublab.domains import Domain
     from sublab.models import LoadedModel
+
+# `sublab.config` validates eval names against this registry, so this module does not import it, not
+# even for types: an eval config is typed `EvalConfig` below, by name only.
+EvalConfig = Any
 
 log = logging.getLogger(__name__)
 
