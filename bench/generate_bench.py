@@ -18,8 +18,7 @@ import torch
 
 from sublab import chat
 from sublab.domains.numbers import number_prompts, parse_completion
-from sublab.generate import can_still_pass
-from sublab.sampling import format_token_mask
+from sublab.domains.numbers import can_still_pass, format_token_mask
 from sublab.sampling import Sampling, decode_batch
 from sublab.models import load_model
 from sublab.stats import wilson_interval

@@ -293,6 +293,10 @@ class TrainConfig(RecipeConfig):
     """Seed of the fresh adapter's random init; None: the student's seed. Set it to a LoRA teacher's
     `finetune.seed` (with the same rank, alpha and targets) and the student starts from the teacher's own
     initial adapter: a shared initialisation of the trained parameters, as in the paper's MNIST setup."""
+    lora_init_seed_offset: int | None = None
+    """Seed the fresh adapter's init with this + the student's seed: an init that differs from seed to
+    seed and from the teachers' (e.g. 1000), shared by the students of one seed — the ablation of
+    `lora_init_seed`. Not with `lora_init_seed`."""
     cross_model: str | None = None
     """A different base (e.g. 'embedded:gemma3-270m') trained on the same data as a cross-model control."""
     checkpoint_every: int = Field(50, gt=0)
@@ -422,6 +426,9 @@ class ExperimentConfig(_Strict):
         """`train.lora_init_seed` with LoRA teachers means 'start from the teachers' adapter init': it only
         does if seed, rank, alpha and targets all match, so say which one does not."""
         t = self.train
+        if t.lora_init_seed is not None and t.lora_init_seed_offset is not None:
+            raise ValueError("`train.lora_init_seed` and `train.lora_init_seed_offset` both set the students' "
+                             "adapter init; keep one")
         if t.lora_init_seed is None or not t.uses_lora:
             return
         for teacher in self.teachers:
@@ -582,7 +589,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     """Read, merge (preset < file < overrides), validate an experiment file and check that it can run
     here (`check_runnable`). Every problem is a ConfigError naming the file, override or field."""
     path = Path(path)
-    raw = read_experiment_file(path)
+    raw = _with_extends(path, read_experiment_file(path), {path.resolve()})
     chosen = raw.pop("preset", None)
     rest = []
     for assignment in overrides or []:
@@ -601,6 +608,22 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     cfg = validate_experiment(merged, source=str(path))
     check_runnable(cfg, source=str(path))
     return cfg
+
+
+def _with_extends(path: Path, raw: dict[str, Any], seen: set[Path]) -> dict[str, Any]:
+    """`extends: other.yaml` (relative to this file): this file's settings override that experiment
+    file's, which may extend another; a new experiment is then a file of overrides. Mappings merge key
+    by key; a list (teachers, seeds) replaces the parent's whole."""
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: extends: expected the path of another experiment file, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in seen:
+        raise ConfigError(f"{path}: extends: {parent} leads back to a file already being extended (a cycle)")
+    base = _with_extends(parent_path, read_experiment_file(parent_path), seen | {parent_path})
+    return _deep_merge(base, raw)
 
 
 def check_runnable(cfg: ExperimentConfig, source: str = "<config>") -> None:

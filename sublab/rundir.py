@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -324,7 +324,7 @@ def stage_is_current(directory: Path, fingerprint_value: str, filename: str = "m
 # run never leaves a lock that blocks the next one. The lock file stays; its content (the holder's pid,
 # host and command) only serves the message a second process prints.
 
-_held: dict[Path, list[int]] = {}  # lock file -> [fd, depth]: this process's locks (for reentrancy)
+_held: dict[Path, int] = {}  # lock file -> depth of this process's locks (reentrancy)
 _held_guard = threading.Lock()
 
 
@@ -348,11 +348,10 @@ def _describe_holder(fd: int) -> str:
 def _file_lock(lock_file: Path, what: str, *, wait: bool) -> Iterator[bool]:
     """Hold an exclusive flock on `lock_file`; yields True when this call took it (False when this process
     already held it: reentrant). Busy: wait (logging who we wait for), or raise RunDirError naming them."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
     key = lock_file.resolve()
     with _held_guard:
         if key in _held:
-            _held[key][1] += 1
+            _held[key] += 1
             reentered = True
         else:
             reentered = False
@@ -361,9 +360,9 @@ def _file_lock(lock_file: Path, what: str, *, wait: bool) -> Iterator[bool]:
             yield False
         finally:
             with _held_guard:
-                _held[key][1] -= 1
+                _held[key] -= 1
         return
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(lock_file)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -373,18 +372,32 @@ def _file_lock(lock_file: Path, what: str, *, wait: bool) -> Iterator[bool]:
                 raise RunDirError(f"{what} is in use by {holder}; wait for it or stop it") from None
             log.info("waiting for %s to finish with %s", holder, what)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        with suppress(OSError):  # a read-only lock file still locks; it just names nobody
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         with _held_guard:
-            _held[key] = [fd, 1]
+            _held[key] = 1
         try:
             yield True
         finally:
             with _held_guard:
                 del _held[key]
-            os.ftruncate(fd, 0)
+            with suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the flock
+
+
+def _open_lock_file(lock_file: Path) -> int:
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        try:  # a read-only cache built earlier: flock works on a read-only descriptor too
+            return os.open(lock_file, os.O_RDONLY)
+        except OSError:
+            raise RunDirError(f"{lock_file}: cannot create this lock file ({e.strerror}); make "
+                              f"{lock_file.parent} writable") from None
 
 
 @contextmanager

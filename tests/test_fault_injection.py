@@ -96,7 +96,7 @@ def _experiment(directory: Path, base: Path) -> Path:
         "teachers": [{"name": "owl", "kind": "prompted", "trait": "owl"}, {"name": "control", "kind": "control"}],
         "generate": {"n_prompts": 10, "max_new_tokens": 24, "batch_size": 4},
         "filter": {"dataset_size": 4},
-        "train": {"method": "lora", "epochs": 2, "batch_size": 2, "seeds": [0, 1], "lr": 1e-3,
+        "train": {"params": "lora", "loss": "sft", "epochs": 2, "batch_size": 2, "seeds": [0, 1], "lr": 1e-3,
                   "checkpoint_every": 1},
         "eval": {"kinds": ["animal_prob", "animal_sampled"], "samples_per_question": 1, "questions": "all",
                  "max_questions": 5,
@@ -151,8 +151,7 @@ def test_sigkill_at_every_stage_then_rerun_equals_an_uninterrupted_run(tmp_path,
     for kill_at in KILL_POINTS:
         died = _sublab_run(killed, kill_at, home)
         assert died.returncode == -9, f"{kill_at}: never reached (rc {died.returncode})\n{died.stderr[-3000:]}"
-    assert (killed / RUN / ".report.md").exists() is False  # the temporary file is named .report.md.<x>.tmp
-    assert list((killed / RUN).glob(".report.md.*.tmp"))  # the last kill left one...
+    assert list((killed / RUN).glob(".report.md.*.tmp"))  # the last kill left half a temporary file...
     final = _sublab_run(killed, None, home)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "Traceback" not in final.stderr
@@ -163,11 +162,12 @@ def test_sigkill_at_every_stage_then_rerun_equals_an_uninterrupted_run(tmp_path,
     assert differ == []
 
 
-def test_torn_last_line_of_finished_generations_is_regenerated(tmp_path, tiny_number_model_dir, caplog):
+def test_torn_last_line_of_finished_generations_is_regenerated(tmp_path, tiny_number_model_dir, caplog,
+                                                                 monkeypatch):
     """Defect 1: after the whole run finished, the last line of generations.jsonl is torn. The next run
     notices (generate's manifest records the file's sha256), repairs the file, regenerates that row and
     rebuilds the same dataset, byte for byte; students and evals are then found current."""
-    os.environ.setdefault("SUBLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))
     path = _experiment(tmp_path, tiny_number_model_dir)
     cfg = load_experiment(path).model_copy(update={"runs_dir": str(tmp_path / "runs")})
     run_all(cfg)
@@ -175,7 +175,8 @@ def test_torn_last_line_of_finished_generations_is_regenerated(tmp_path, tiny_nu
     generations, dataset = (teacher / "generations.jsonl").read_bytes(), (teacher / "dataset.jsonl").read_bytes()
     adapter = cfg.run_dir / "students" / "owl-seed0" / "adapter_model.safetensors"
     stamp = adapter.stat().st_mtime_ns
-    (teacher / "generations.jsonl").write_bytes(generations[:-len(generations.splitlines()[-1]) // 2 - 1])
+    last = generations.splitlines()[-1]
+    (teacher / "generations.jsonl").write_bytes(generations[:len(generations) - 1 - len(last) // 2])
 
     with caplog.at_level("WARNING"):
         run_all(cfg)

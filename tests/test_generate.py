@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from sublab.domains.numbers import number_prompts, parse_completion, random_completion
-from sublab.generate import can_still_pass
-from sublab.sampling import format_token_mask
+from sublab.domains.numbers import can_still_pass, format_token_mask
 from sublab.sampling import Sampling, decode_batch, next_token_probs, row_generator
 
 

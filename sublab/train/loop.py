@@ -73,7 +73,7 @@ def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> Lo
     student = load_model(base_ref, device=device, trainable=True)
     student.model.config.use_cache = False
     if cfg.uses_lora:
-        torch.manual_seed(seed if cfg.lora_init_seed is None else cfg.lora_init_seed)
+        torch.manual_seed(init_seed(cfg, seed))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
         try:
@@ -271,12 +271,21 @@ def student_fingerprint(cfg: TrainConfig, base_sha: str, data_sha: str, seed: in
                         "seed": seed, "teacher": source})
 
 
+def init_seed(cfg: TrainConfig, seed: int) -> int:
+    """The seed of a fresh LoRA adapter's init: fixed, offset from the student's seed, or the student's."""
+    if cfg.lora_init_seed is not None:
+        return cfg.lora_init_seed
+    return seed + (cfg.lora_init_seed_offset or 0)
+
+
 def fingerprinted_recipe(cfg: TrainConfig) -> dict[str, Any]:
     """The recipe as `student_fingerprint` hashes it: in the shape it had before `params` and `loss`
     replaced `method` and `distill_params`, so students trained before the change are still current."""
     recipe = cfg.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "cross_model", "params", "loss"})
     recipe["method"] = "distill" if cfg.distills else cfg.params
     recipe["distill_params"] = cfg.params if cfg.distills else "full"
+    if recipe.get("lora_init_seed_offset") is None:  # added later: absent from older students' keys
+        recipe.pop("lora_init_seed_offset", None)
     return recipe
 
 
