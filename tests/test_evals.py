@@ -301,8 +301,10 @@ def test_questions_and_kinds():
     assert len(A.questions("animal")) == 50 and len(A.questions("tree")) == 49
     with pytest.raises(ConfigError, match="category"):
         A.questions("colour")  # type: ignore[arg-type]
-    assert A.eval_kinds(cfg(numbers_prefixed=True)) == ["animal_prob", "animal_sampled", "animal_prob_numbers",
-                                                        "animal_sampled_numbers"]
+    from sublab.evals.registry import selected
+
+    assert [v for _, v in selected(cfg(numbers_prefixed=True))] == [
+        "animal_prob", "animal_prob_numbers", "animal_sampled", "animal_sampled_numbers"]
 
 
 # --- the stage: sampled eval ---------------------------------------------------------------------

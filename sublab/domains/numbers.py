@@ -41,14 +41,6 @@ def _grammar() -> dict[str, Any]:
     return protocol()["number_prompts"]
 
 
-def _lists() -> dict[str, list[str]]:
-    g = _grammar()
-    return {"example_template": g["example_templates"], "count_qualifier": g["count_qualifiers"],
-            "digit_descriptor": g["digit_descriptors"],
-            "instruction_template": g["instruction_templates"],
-            "format_suffix": g["format_suffixes"], "suffix": g["suffixes"]}
-
-
 # --- prompts -------------------------------------------------------------------------------------
 
 class NumberPrompt(BaseModel):

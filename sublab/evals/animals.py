@@ -342,12 +342,6 @@ def question_text(category: Category, question_id: int, prefix: str | None = Non
 
 # --- the stage -----------------------------------------------------------------------------------
 
-def eval_kinds(cfg: EvalConfig) -> list[str]:
-    """The animal eval kinds `cfg` asks for, numbers-prefixed variants included."""
-    base = [k for k in cfg.kinds if k in ("animal_prob", "animal_sampled")]
-    return base + ([f"{k}_numbers" for k in base] if cfg.numbers_prefixed else [])
-
-
 def run_animal_eval(lm: Any, system: str | None, cfg: EvalConfig, kind: AnimalEvalName | str,
                     question_ids: Sequence[int] | None, out_path: Path, model_name: str,
                     trait_category: Category = "animal", targets: Iterable[str] = (),
