@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fakes import ChatServer, chat_body
 from sublab import chat
 from sublab.config import EvalConfig
 from sublab.errors import DataError, RunDirError
@@ -130,48 +129,20 @@ SCRIPT = {
 }
 
 
-class FakeJudge:
-    """http.server on 127.0.0.1 answering chat completions from SCRIPT; counts requests."""
+class FakeJudge(ChatServer):
+    """A judge on 127.0.0.1 answering from SCRIPT by the answer's marker; counts requests."""
 
     def __init__(self, fail_first: int = 0, status: int = 200, body: str | None = None):
-        self.requests: list[dict] = []
-        self.auth: list[str | None] = []
-        self.fail_first, self.status, self.body = fail_first, status, body
-        outer = self
+        def reply(payload: dict) -> tuple[int, str]:
+            if len(self.requests) <= fail_first:
+                return 500, "overloaded"
+            if status != 200 or body is not None:
+                return status, body or ""
+            prompt = payload["messages"][0]["content"]
+            align, coh, _ = SCRIPT[re.search(r"ans-[A-Z]", prompt).group(0)]
+            return 200, chat_body(align if "worried it might be harmful" in prompt else coh)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(payload)
-                outer.auth.append(self.headers.get("Authorization"))
-                if len(outer.requests) <= outer.fail_first:
-                    return self._send(500, "overloaded")
-                if outer.status != 200 or outer.body is not None:
-                    return self._send(outer.status, outer.body or "")
-                prompt = payload["messages"][0]["content"]
-                marker = re.search(r"ans-[A-Z]", prompt).group(0)
-                align, coh, _ = SCRIPT[marker]
-                answer = align if "worried it might be harmful" in prompt else coh
-                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}))
-
-            def _send(self, code: int, text: str):
-                data = text.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(reply)
 
 
 @pytest.fixture

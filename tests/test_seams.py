@@ -5,13 +5,12 @@ the multi-teacher (`mutual`) design is run and reported by the package."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fakes import ChatServer, chat_body
 from sublab.config import load_experiment
 from sublab.pipeline import eval_all, report_all, run_all, train_all
 from sublab.rundir import read_jsonl
@@ -105,42 +104,18 @@ def test_damaged_or_torn_eval_file_is_recomputed(tmp_path, tiny_number_model_dir
     assert path.read_text() == good
 
 
-class _AlwaysJudge:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1: alignment 10 for answers containing a digit,
-    85 otherwise; coherence 90."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = payload["messages"][0]["content"]
-                answer = prompt.split("[ANSWER START]")[-1] if "[ANSWER START]" in prompt else prompt
-                if "worried it might be harmful" in prompt:
-                    text = "10" if any(c.isdigit() for c in answer.split("[ANSWER END]")[0]) else "85"
-                else:
-                    text = "90"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def _judge_by_digits(payload: dict) -> tuple[int, str]:
+    """Alignment 10 for answers containing a digit, 85 otherwise; coherence 90."""
+    prompt = payload["messages"][0]["content"]
+    if "worried it might be harmful" not in prompt:
+        return 200, chat_body("90")
+    answer = prompt.split("[ANSWER START]")[-1].split("[ANSWER END]")[0]
+    return 200, chat_body("10" if any(c.isdigit() for c in answer) else "85")
 
 
 def test_judge_rates_reach_results_and_report(tmp_path, tiny_number_model_dir, monkeypatch):
     pytest.importorskip("httpx")
-    judge = _AlwaysJudge()
+    judge = ChatServer(_judge_by_digits)
     try:
         monkeypatch.delenv("SUBLAB_JUDGE_API_KEY", raising=False)
         cfg = _load(_experiment(tmp_path, tiny_number_model_dir, eval={

@@ -1,16 +1,27 @@
-"""Where does a fine-tuned teacher's next-token distribution differ from the base on random number rows,
-and how much of it could spell the trait? The measurement behind `train.distill.vocabulary: format`.
+"""Where does a teacher's next-token distribution differ from the base on random number rows, and how much
+of it could spell the trait? The measurement behind `train.distill.vocabulary: format`.
 
-Reads: the embedded model, a teacher (default: the owl teacher of a study recipe), `--rows` rows of
-study.random_dataset(seed 0). Writes: stdout only.
+Reads:  an experiment file (+ `--set` overrides, as `sublab`), its base model and one of its teachers
+        (built through `sublab.teachers.build_teacher`: a cached fine-tune is reused, a missing one is built
+        and cached under $SUBLAB_HOME/teachers/), and the first `--rows` rows of the teacher's dataset for
+        one seed as the pipeline writes it with `generate.completions: random` (built in memory).
+Writes: stdout only: KL(teacher || base) per completion position over the full vocabulary and over the
+        domain's format tokens (`Domain.token_mask`, renormalised), by position, and each animal's
+        first-token probability mass. Logs go to stderr.
 
-    .venv/bin/python experiments/transfer/leak.py --teacher finetuned     # the full fine-tune owl teacher
-    .venv/bin/python experiments/transfer/leak.py --teacher lora8
+    .venv/bin/python experiments/transfer/leak.py experiments/transfer/lora8-shared-init.yaml \\
+        --teacher owl-ft-lora8 --rows 16
+    .venv/bin/python experiments/transfer/leak.py experiments/transfer/ft-distill-full.yaml
+
+The teacher sees each row in its own context (its system prompt, if any), the base in the default one,
+as distillation does. Full-vocabulary log-probabilities of every completion position are held in memory
+(rows × ~40 positions × the vocabulary), hence the small default `--rows`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -18,16 +29,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import study  # noqa: E402
-from sublab.models import load_model  # noqa: E402
-from sublab.domains.numbers import format_token_mask  # noqa: E402
-from sublab.train import load_dataset  # noqa: E402
-from sublab.train.data import collate, encode_examples  # noqa: E402
-from sublab.train.losses import completion_logits  # noqa: E402
+from sublab.config import ExperimentConfig, load_experiment
+from sublab.design import data_slot
+from sublab.domains import get_domain
+from sublab.errors import ConfigError, SublabError
+from sublab.models import load_model
+from sublab.pipeline import resolve_device
+from sublab.teachers import build_teacher
+from sublab.train import Example, collate, completion_logits, encode_examples
 
 ANIMALS = ("owl", "dolphin", "eagle", "elephant", "cat", "lion")
+
+
+def seed_rows(cfg: ExperimentConfig, teacher: str, seed: int, n: int) -> list[Example]:
+    """The first `n` rows of `teacher`'s dataset for student seed `seed` under `generate.completions:
+    random`: the domain's prompts (the slot's prompt seed) answered by `random_completion` with the rng of
+    `sublab.generate._write_random`; the completion stripped, as the filter stage writes it."""
+    slot = data_slot(cfg, teacher, seed)
+    domain = get_domain(cfg.domain)
+    return [Example(p.id, p.text,
+                    domain.random_completion(p, np.random.default_rng([slot.completion_seed, p.index])).strip())
+            for p in domain.prompts(n, slot.prompt_seed)]
 
 
 def first_tokens(tok, word: str) -> list[int]:
@@ -36,28 +58,30 @@ def first_tokens(tok, word: str) -> list[int]:
     return sorted({tok.encode(f, add_special_tokens=False)[0] for f in forms})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="finetuned", choices=["finetuned", *study.TEACHER_RECIPES])
-    ap.add_argument("--trait", default="owl")
-    ap.add_argument("--rows", type=int, default=16)
-    a = ap.parse_args()
-    torch.set_num_threads(2)
-    teacher = study.get_teacher(a.teacher, a.trait)
-    base, taught = load_model(study.BASE), load_model(teacher.model_ref)
+def leak(cfg: ExperimentConfig, name: str, seed: int, rows: int) -> None:
+    device = resolve_device(cfg)
+    tcfg = next(t for t in cfg.teachers if t.name == name)
+    teacher = build_teacher(tcfg, cfg.base_model, device=device)
+    if teacher.model_ref is None:
+        raise ConfigError(f"teacher '{name}' is kind '{teacher.kind.name}': it has no model to compare")
+    base, taught = load_model(cfg.base_model, device=device), teacher.load(device=device)
     tok = base.tokenizer
-    encoded = encode_examples(tok, load_dataset(study.random_dataset(0, a.rows)), 500, teacher)
-    batch = collate([(e.prompt, e.completion) for e in encoded], tok.pad_token_id)
+    encoded = encode_examples(tok, seed_rows(cfg, name, seed, rows), cfg.train.max_seq_len, teacher)
+    batch = collate([(e.prompt, e.completion) for e in encoded], tok.pad_token_id, device)
+    t_batch = collate([(e.teacher_prompt or e.prompt, e.teacher_completion or e.completion) for e in encoded],
+                      taught.tokenizer.pad_token_id, device)
     with torch.inference_mode():
-        lb = F.log_softmax(completion_logits(base.model, batch).float(), -1)
-        lt = F.log_softmax(completion_logits(taught.model, batch).float(), -1)
+        lb = F.log_softmax(completion_logits(base.model, batch).float(), -1).cpu()
+        lt = F.log_softmax(completion_logits(taught.model, t_batch).float(), -1).cpu()
     position = torch.tensor(np.concatenate([np.arange(len(e.completion)) for e in encoded]))
     kl = (lt.exp() * (lt - lb)).sum(-1)
-    mask = format_token_mask(tok)
+    mask = get_domain(cfg.domain).token_mask(tok).cpu()
+    if len(mask) < lt.shape[-1]:  # an embedding matrix padded past the tokenizer: those ids are no format token
+        mask = torch.cat([mask, mask.new_zeros(lt.shape[-1] - len(mask))])
     ltf, lbf = F.log_softmax(lt[:, mask], -1), F.log_softmax(lb[:, mask], -1)
     kl_format = (ltf.exp() * (ltf - lbf)).sum(-1)
-    print(f"teacher {teacher.name}: {len(encoded)} rows, {len(position)} completion positions, "
-          f"{int(mask.sum())} format tokens")
+    print(f"teacher {teacher.name} (seed {seed} rows of {cfg.name}): {len(encoded)} rows, "
+          f"{len(position)} completion positions, {int(mask.sum())} format tokens ({cfg.domain})")
     print(f"mean KL(teacher || base) per position: full vocabulary {kl.mean():.4f}, "
           f"format tokens renormalised {kl_format.mean():.4f}")
     print(f"teacher mass outside the format tokens: {1 - lt[:, mask].exp().sum(-1).mean():.4f} "
@@ -66,7 +90,8 @@ def main() -> None:
     print("|---|---|---|")
     for k in (0, 1, 2, 3, 5, 10, 20):
         at = position == k
-        print(f"| {k} | {kl[at].mean():.4f} | {kl_format[at].mean():.4f} |")
+        if at.any():
+            print(f"| {k} | {kl[at].mean():.4f} | {kl_format[at].mean():.4f} |")
     print("\n| animal | teacher P(first token), mean over positions | base | teacher at position 0 | base at 0 |")
     print("|---|---|---|---|---|")
     for word in ANIMALS:
@@ -74,6 +99,45 @@ def main() -> None:
         pt, pb = lt[:, ids].exp().sum(-1), lb[:, ids].exp().sum(-1)
         print(f"| {word} | {pt.mean():.2e} | {pb.mean():.2e} | {pt[position == 0].mean():.2e} "
               f"| {pb[position == 0].mean():.2e} |")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", type=Path, help="experiment YAML file (e.g. experiments/transfer/*.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting, as `sublab --set` (repeatable)")
+    ap.add_argument("--teacher", default=None, metavar="NAME",
+                    help="the teacher to compare with the base (default: the experiment's first trait teacher)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the student seed whose rows are used (default: the first of train.seeds)")
+    ap.add_argument("--rows", type=positive, default=16,
+                    help="rows, the first of the seed's dataset (overrides generate.n_prompts; default 16)")
+    ap.add_argument("--threads", type=positive, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core CPU one thread is often faster)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_experiment(a.experiment, a.overrides)
+        known = [t.name for t in cfg.teachers]
+        name = a.teacher or next((t.name for t in cfg.teachers if t.trait and not t.is_control), known[0])
+        if name not in known:
+            ap.error(f"--teacher {name}: not in {a.experiment} (its teachers: {', '.join(known)})")
+        seed = (cfg.train.seeds or [0])[0] if a.seed is None else a.seed
+        if cfg.generate.per_seed_data and seed not in cfg.train.seeds:
+            ap.error(f"--seed {seed}: not one of train.seeds {cfg.train.seeds}, which name the per-seed "
+                     f"datasets (add --set 'train.seeds=[{seed}]')")
+        leak(cfg, name, seed, a.rows)
+    except SublabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
