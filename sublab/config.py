@@ -622,8 +622,11 @@ def _with_extends(path: Path, raw: dict[str, Any], seen: set[Path]) -> dict[str,
     parent_path = (path.parent / parent).resolve()
     if parent_path in seen:
         raise ConfigError(f"{path}: extends: {parent} leads back to a file already being extended (a cycle)")
-    base = _with_extends(parent_path, read_experiment_file(parent_path), seen | {parent_path})
-    return _deep_merge(base, raw)
+    try:
+        parent_raw = read_experiment_file(parent_path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: extends: {e}") from None
+    return _deep_merge(_with_extends(parent_path, parent_raw, seen | {parent_path}), raw)
 
 
 def check_runnable(cfg: ExperimentConfig, source: str = "<config>") -> None:

@@ -136,6 +136,18 @@ FILES: list[tuple[str, Any, list[str]]] = [
     ("candidates-repeated", _with("eval.candidates", ["owl", "cat", "owl"]), ["`eval.candidates`", "'owl'"]),
     ("filters-repeated", _with("filter.filters", ["format", "format"]), ["`filter.filters`"]),
     ("targets-repeated", _with("train.lora_targets", ["q_proj", "q_proj"]), ["`train.lora_targets`"]),
+    # the seams: registries and designs
+    ("unknown-domain", _with("domain", "poetry"), ["domain:", "unknown data domain 'poetry'", "numbers"]),
+    ("unknown-design", _with("design", "crossover"), ["design:"]),
+    ("mutual-with-control", _with("design", "mutual"), ["design: 'mutual' needs two or more trait teachers"]),
+    ("mutual-same-trait", _with("teachers", [{"name": "a", "kind": "prompted", "trait": "owl"},
+                                            {"name": "b", "kind": "prompted", "trait": "owl"}],
+                                _with("design", "mutual")), ["a different trait per teacher"]),
+    ("init-seed-and-offset", _with("train.lora_init_seed_offset", 1000, _with("train.lora_init_seed", 0)),
+     ["`train.lora_init_seed` and `train.lora_init_seed_offset`"]),
+    ("extends-missing", _with("extends", "nowhere.yaml"), ["nowhere.yaml: experiment file not found"]),
+    ("extends-not-a-path", _with("extends", ["a.yaml"]), ["extends: expected the path of another experiment file"]),
+    ("extends-itself", _with("extends", "exp.yaml"), ["a cycle"]),
 ]
 if NO_CUDA:
     FILES.append(("cuda-without-cuda", _with("device", "cuda"), ["device: cuda", "no CUDA device"]))

@@ -121,10 +121,24 @@ def test_shipped_recipe_config_errors(tmp_path, tiny_model_dir):
         load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, lora_r=8))
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "examples").glob("*.yaml"),
+                                         *(ROOT / "experiments").rglob("*.yaml")]), ids=lambda p: p.name)
 def test_every_example_validates(path):
     cfg = load_experiment(path)
-    assert cfg.teachers and any(t.is_control for t in cfg.teachers)
+    assert cfg.teachers and (cfg.design == "mutual" or any(t.is_control for t in cfg.teachers))
+
+
+def test_extends_overrides_its_parent_key_by_key():
+    shared = load_experiment(ROOT / "experiments" / "transfer" / "lora8-shared-init.yaml")
+    other = load_experiment(ROOT / "experiments" / "transfer" / "lora8-other-init.yaml")
+    assert (other.name, other.train.lora_init_seed, other.train.lora_init_seed_offset) == ("lora8-other-init", None, 1000)
+    assert other.train.seeds == [0, 1, 2] and shared.train.seeds == [0, 1, 2, 3, 4]  # a list replaces
+    assert other.train.model_dump(exclude={"lora_init_seed", "lora_init_seed_offset", "seeds"}) == \
+        shared.train.model_dump(exclude={"lora_init_seed", "lora_init_seed_offset", "seeds"})  # the rest kept
+    assert other.teachers == shared.teachers and other.eval == shared.eval
 
 
 def test_demo_runs_the_shipped_recipe():
