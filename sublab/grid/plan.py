@@ -111,7 +111,7 @@ def plan_grid(grid: Grid) -> GridPlan:
         notes.append(f"no measured rate for this base model or device (rates: {MEASURED_MODEL} on 2 CPU "
                      "cores, docs/scale.md); cost not estimated")
     return GridPlan(grid.name, str(grid.directory), cells, len(teachers), mentions,
-                    sum(c.students for c in cells), None if None in costs else sum(c for c in costs if c))
+                    sum(c.students for c in cells), None if None in costs else sum(c for c in costs if c), notes)
 
 
 def teacher_key(cfg: ExperimentConfig, teacher: str) -> str:
