@@ -135,6 +135,29 @@ def test_transfer_grid_plans_the_study_cells():
     assert cells["init-shared"].cfg.model_copy(update={"name": shared.name, "runs_dir": shared.runs_dir}) == shared
 
 
+def test_cells_declare_a_gpu_when_they_run_on_cuda(tmp_path, tiny_model_dir):
+    from sublab.grid.engine import _gpus
+
+    cell = load_grid(_grid(tmp_path, tiny_model_dir)).cells[0]
+    assert _gpus(cell, None) == 0 and _gpus(cell, 0.5) == 0.5
+    cell.cfg = cell.cfg.model_copy(update={"device": "cuda"})
+    assert _gpus(cell, None) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_grid_cell_runs_on_the_gpu(ray_cluster_gpu, tmp_path, tiny_model_dir, monkeypatch):
+    """A one-cell grid with device: cuda on a local cluster with the GPU: the task gets it and trains there."""
+    from sublab.grid import run_grid
+
+    monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))
+    grid = load_grid(_grid(tmp_path, tiny_model_dir, {"device": ["cuda"]}))
+    outcome = _run_bounded(lambda: run_grid(grid))
+    assert outcome.failed == {} and cell_is_done(grid.cells[0])
+    log = (grid.directory / "logs" / f"{grid.cells[0].name}.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES=0," in log  # Ray gave the task the GPU; the cell's device: cuda used it
+
+
 # --- on a local Ray cluster -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -143,6 +166,17 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=128 << 20)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster_gpu():
+    """A local Ray cluster with this machine's GPU (for the `gpu` test), shut down after it."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray cluster without the GPU is already running in this process")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -235,11 +269,14 @@ def test_worker_killed_mid_cell_is_retried_to_the_same_results(finished_grid, tm
         while time.time() < deadline:
             students = second.cfg.run_dir / "students"
             training = students.is_dir() and any(students.iterdir())
-            holder = lock.read_text() if lock.is_file() else ""
+            try:  # the holder's JSON is written just after the lock is taken: read it whole or retry
+                holder = json.loads(lock.read_text() or "null") if lock.is_file() else None
+            except ValueError:
+                holder = None
             if training and holder:
                 killed["first_mtimes"] = {p: p.stat().st_mtime_ns for p in first.cfg.run_dir.rglob("*")
                                           if p.is_file() and p.name != ".lock"}
-                killed["pid"] = json.loads(holder)["pid"]
+                killed["pid"] = holder["pid"]
                 os.kill(killed["pid"], signal.SIGKILL)
                 return
             time.sleep(0.05)

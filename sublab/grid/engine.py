@@ -181,8 +181,8 @@ def run_cell_task(cell_file: str, log_file: str, threads: int, cwd: str) -> dict
         os.chdir(cwd)
     torch.set_num_threads(threads)
     with _cell_logging(Path(log_file)) as logger:
-        logger.info("=== %s: pid %d, %d thread(s), %s", cell_file, os.getpid(), threads,
-                    time.strftime("%Y-%m-%d %H:%M:%S"))
+        logger.info("=== %s: pid %d, %d thread(s), CUDA_VISIBLE_DEVICES=%s, %s", cell_file, os.getpid(), threads,
+                    os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), time.strftime("%Y-%m-%d %H:%M:%S"))
         t0 = time.time()
         run_all(load_experiment(cell_file))
         logger.info("=== finished in %.1f s", time.time() - t0)
