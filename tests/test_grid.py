@@ -76,6 +76,15 @@ def test_axes_expand_into_ordinary_experiment_files(tmp_path, tiny_model_dir):
     assert other.path.stat().st_mtime_ns == stamp
 
 
+def test_a_preset_axis_sits_under_the_base_file(tmp_path, tiny_model_dir):
+    plain, paper = load_grid(_grid(tmp_path, tiny_model_dir, {"preset": [None, "paper"]})).cells
+    assert (plain.name, paper.name) == ("preset-none", "preset-paper")
+    assert plain.cfg.eval.samples_per_question == 10 and plain.cfg.train.grad_accum == 1
+    assert paper.cfg.eval.samples_per_question == 100 and paper.cfg.train.grad_accum == 3  # from the preset
+    assert paper.cfg.generate.n_prompts == 4 and paper.cfg.train.seeds == [0, 1]  # the file wins over it
+    assert "preset" not in paper.raw and paper.raw["generate"]["n_prompts"] == 4
+
+
 def test_bad_axes_are_one_line_errors_naming_the_grid_and_axis(tmp_path, tiny_model_dir):
     cases = [
         ({"train.lr": [1e-2, "fast"]}, r"grid\.yaml: axis train\.lr=fast: .*train\.lr"),
@@ -243,11 +252,17 @@ def test_grid_runs_on_ray_and_a_rerun_skips_every_cell(finished_grid):
     # Two cells that share both teachers built each once: one fine-tune per teacher across both logs.
     logs = "".join((grid.directory / "logs" / f"{c.name}.log").read_text() for c in grid.cells)
     assert logs.count(": fine-tuning ") == 2 and logs.count(": reusing ") >= 2
-    # The rerun: every cell finished, so no task runs and no file changes.
+    # The rerun: every cell finished, so no task runs and no file of a cell changes.
     stamps = {p: p.stat().st_mtime_ns for p in grid.directory.rglob("*") if p.is_file()}
     again = run_grid(load_grid(grid.path), workers=2)
     assert again.ran == {} and sorted(again.skipped) == sorted(c.name for c in grid.cells)
     assert [p for p, t in stamps.items() if p.stat().st_mtime_ns != t] == []
+    # The same through the CLI (it uses this process's Ray connection): only the grid's report is rewritten.
+    result = CliRunner().invoke(app, ["grid", str(grid.path)], env={"SUBLAB_HOME": str(grid.path.parent / "home")})
+    assert result.exit_code == 0, result.output
+    assert "2 cells (0 to run)" in result.output and "grid report:" in result.output
+    changed = {p.relative_to(grid.directory).as_posix() for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert changed <= {"grid_results.json", "grid_report.md", "figures/grid_diffs.png"}
 
 
 def test_worker_killed_mid_cell_is_retried_to_the_same_results(finished_grid, tmp_path, tiny_model_dir,
