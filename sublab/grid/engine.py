@@ -68,7 +68,10 @@ def run_grid(grid: Grid, *, address: str | None = None, workers: int | None = No
     outcome = GridOutcome()
     pending = []
     for cell in grid.cells:
-        (outcome.skipped.append(cell.name) if cell_is_done(cell) else pending.append(cell))
+        if cell_is_done(cell):
+            outcome.skipped.append(cell.name)
+        else:
+            pending.append(cell)
     if outcome.skipped:
         log.info("grid %s: %d of %d cells already finished; skipped", grid.name, len(outcome.skipped),
                  len(grid.cells))
