@@ -184,6 +184,37 @@ def run(exp: ExpArg, set_: SetOpt = None) -> None:
     console.print(Text.assemble(("report: ", "bold"), str(path)))
 
 
+@app.command()
+def grid(grid_file: Annotated[Path, typer.Argument(help="Grid YAML file (a base experiment × axes).",
+                                                   show_default=False)],
+         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (cells, teachers, students, "
+                                               "estimated cost) and stop.")] = False,
+         address: Annotated[str | None, typer.Option(help="Attach to this Ray cluster (e.g. ray://head:10001); "
+                                                     "default: start a local one.")] = None,
+         workers: Annotated[int | None, typer.Option(min=1, help="Cells at once (the local cluster's size; "
+                                                     "default: cores / resources.num_cpus).")] = None) -> None:
+    """A grid of experiments as Ray tasks: every cell is written to <grid>/cells/<cell>.yaml and run like
+    `sublab run`; finished cells are skipped, a cell whose worker dies is retried; then grid_report.md."""
+    from sublab.grid import load_grid, plan_grid, run_grid, write_grid_results
+    from sublab.grid.plan import plan_table
+
+    g = load_grid(grid_file)
+    table, summary = plan_table(plan_grid(g))
+    out = make_console()
+    out.print(table)
+    out.print(summary, soft_wrap=True)
+    if dry_run:
+        return
+    outcome = run_grid(g, address=address, workers=workers, console=console)
+    path = write_grid_results(g)
+    console.print(Text.assemble(("grid report: ", "bold"), str(path)))
+    if outcome.failed:
+        failed = "; ".join(f"{name} ({error}; log: {g.directory / 'logs' / name}.log)"
+                           for name, error in outcome.failed.items())
+        raise SublabError(f"{len(outcome.failed)} of {len(g.cells)} cells failed: {failed}. Fix them and rerun "
+                          "the grid: finished cells are skipped")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Embedded models and whether they are prepared."""

@@ -567,12 +567,18 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 def _apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Set one `--set` value in `raw`; a list element is addressed by its index (teachers.0.trait=cat)."""
     parts, value = parse_override(assignment)
+    apply_setting(raw, parts, value, f"--set '{assignment}'")
+
+
+def apply_setting(raw: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
+    """Set `value` at the key path `parts` of `raw` (`--set` and grid axes share these semantics): mappings
+    are created as needed, a list element is addressed by its index. Errors name `source`."""
     node: Any = raw
     for depth, p in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(node, list):
             if not (p.isdigit() and int(p) < len(node)):
-                raise ConfigError(f"--set '{assignment}': '{'.'.join(parts[:depth])}' is a list of {len(node)}; "
+                raise ConfigError(f"{source}: '{'.'.join(parts[:depth])}' is a list of {len(node)}; "
                                   f"'{p}' is not an index in it")
             if last:
                 node[int(p)] = value
@@ -582,7 +588,7 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
                 node[p] = value
             node = node.setdefault(p, {})
         else:
-            raise ConfigError(f"--set '{assignment}': '{'.'.join(parts[:depth])}' is not a section")
+            raise ConfigError(f"{source}: '{'.'.join(parts[:depth])}' is not a section")
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
