@@ -29,13 +29,15 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 """A name that is one path component: letters, digits, '-', '_', '.', not starting with '.'."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config section: frozen, unknown keys refused, field docstrings as descriptions."""
+
     # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, but no setting means anything with them
     # (an infinite epoch count would only fail deep inside training).
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
-class DistillConfig(_Strict):
+class DistillConfig(StrictModel):
     """Logit distillation: the student matches the teacher's next-token distribution on completions."""
 
     top_k: int | None = Field(None, gt=0)
@@ -57,7 +59,7 @@ class DistillConfig(_Strict):
         return self
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(StrictModel):
     """A training recipe: which parameters train, on which loss, with which optimiser settings. Students
     use it under `train:` (`TrainConfig` adds their seeds), a fine-tuned teacher under `finetune.recipe:`
     (with the teacher's own defaults, `TEACHER_RECIPE`); `sublab.train.train_student` runs it."""
@@ -133,7 +135,7 @@ _FLAT_FINETUNE_KEYS = ("method", "lora_r", "lora_alpha", "lr", "epochs", "batch_
 """The recipe keys `finetune:` held before they moved under `finetune.recipe`."""
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(StrictModel):
     """How a fine-tuned teacher gets its trait into its weights (see `sublab.teachers`)."""
 
     dataset: str = "favourite-animal"
@@ -191,7 +193,7 @@ class FinetuneConfig(_Strict):
         return self
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """One data source: a trait teacher, the neutral control, or programmatic random numbers."""
 
     name: str
@@ -240,7 +242,7 @@ class TeacherConfig(_Strict):
         return self.kind_spec.control or self.control
 
 
-class GenerateConfig(_Strict):
+class GenerateConfig(StrictModel):
     """Sampling the teachers' completions to number prompts."""
 
     n_prompts: int = Field(600, gt=0)
@@ -273,7 +275,7 @@ class GenerateConfig(_Strict):
     teacher, shared by its students."""
 
 
-class FilterConfig(_Strict):
+class FilterConfig(StrictModel):
     """Which filters a completion must pass, and how many accepted rows to keep."""
 
     filters: list[Literal["format", "banned_numbers", "trait_words"]] = ["format", "trait_words"]
@@ -303,7 +305,7 @@ class TrainConfig(RecipeConfig):
     """Optimizer steps between resumable checkpoints."""
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """Trait evaluations run on the base, each teacher, and every student."""
 
     kinds: list[str] = ["animal_prob", "animal_sampled"]
@@ -340,7 +342,7 @@ class EvalConfig(_Strict):
     seed: int = 0
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     """A whole experiment: teachers → data → filters → students → evaluations → report."""
 
     name: str
@@ -470,10 +472,10 @@ def preset(name: str) -> dict[str, Any]:
     return parse_yaml(text, f"preset {name}")
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -595,7 +597,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     """Read, merge (preset < file < overrides), validate an experiment file and check that it can run
     here (`check_runnable`). Every problem is a ConfigError naming the file, override or field."""
     path = Path(path)
-    raw = _with_extends(path, read_experiment_file(path), {path.resolve()})
+    raw = with_extends(path, read_experiment_file(path), {path.resolve()})
     chosen = raw.pop("preset", None)
     rest = []
     for assignment in overrides or []:
@@ -608,7 +610,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         base = preset(chosen) if chosen is not None else {}
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    merged = _deep_merge(base, raw)
+    merged = deep_merge(base, raw)
     for assignment in rest:
         _apply_override(merged, assignment)
     cfg = validate_experiment(merged, source=str(path))
@@ -616,7 +618,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     return cfg
 
 
-def _with_extends(path: Path, raw: dict[str, Any], seen: set[Path]) -> dict[str, Any]:
+def with_extends(path: Path, raw: dict[str, Any], seen: set[Path]) -> dict[str, Any]:
     """`extends: other.yaml` (relative to this file): this file's settings override that experiment
     file's, which may extend another; a new experiment is then a file of overrides. Mappings merge key
     by key; a list (teachers, seeds) replaces the parent's whole."""
@@ -632,7 +634,7 @@ def _with_extends(path: Path, raw: dict[str, Any], seen: set[Path]) -> dict[str,
         parent_raw = read_experiment_file(parent_path)
     except ConfigError as e:
         raise ConfigError(f"{path}: extends: {e}") from None
-    return _deep_merge(_with_extends(parent_path, parent_raw, seen | {parent_path}), raw)
+    return deep_merge(with_extends(parent_path, parent_raw, seen | {parent_path}), raw)
 
 
 def check_runnable(cfg: ExperimentConfig, source: str = "<config>") -> None:
@@ -669,7 +671,7 @@ def validate_experiment(raw: dict[str, Any], source: str = "<config>") -> Experi
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
     except RecursionError:  # a YAML alias that contains itself
         raise ConfigError(f"{source}: a setting refers to itself (YAML alias cycle)") from None
 
@@ -689,7 +691,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return cfg.model_copy(update={"runs_dir": str(run_dir.parent), "name": run_dir.name})
 
 
-def _format_validation_error(e: ValidationError, source: str) -> str:
+def format_validation_error(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
         field = ".".join(str(p) for p in err["loc"])

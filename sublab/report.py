@@ -174,17 +174,17 @@ def row_from_score(name: str, role: Role, score: Score | GroupScore) -> Row:
 
 # --- markdown --------------------------------------------------------------------------------
 
-def _num(x: float | None, sign: bool = False) -> str:
+def fmt_num(x: float | None, sign: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{x:+.3g}" if sign else f"{x:.3g}"
 
 
 def _ci(low: float | None, high: float | None) -> str:
-    return "n/a" if low is None or high is None else f"[{_num(low)}, {_num(high)}]"
+    return "n/a" if low is None or high is None else f"[{fmt_num(low)}, {fmt_num(high)}]"
 
 
-def _cell(text: str) -> str:
+def md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -193,7 +193,7 @@ def verdict(c: Comparison, alpha: float = ALPHA) -> str:
     n = f"{c.n_treatment} vs {c.n_control} seeds"
     if c.min_p > alpha:
         return (f"design cannot reach significance at α={alpha} with {n} (smallest possible "
-                f"p = {_num(c.min_p)}); the difference is descriptive only")
+                f"p = {fmt_num(c.min_p)}); the difference is descriptive only")
     if c.p_value <= alpha:
         return f"significant at α={alpha} ({c.alternative}, {n})"
     return f"not significant at α={alpha} ({c.alternative}, {n})"
@@ -201,13 +201,13 @@ def verdict(c: Comparison, alpha: float = ALPHA) -> str:
 
 def comparison_line(c: Comparison) -> str:
     """One markdown paragraph: diff with CI, test, p, Welch p and the verdict."""
-    welch = f"; Welch p = {_num(c.welch_p)}" if c.welch_p is not None else ""
+    welch = f"; Welch p = {fmt_num(c.welch_p)}" if c.welch_p is not None else ""
     boot = (f"; bootstrap-over-seeds CI {_ci(c.boot_ci_low, c.boot_ci_high)}"
             if c.boot_ci_low is not None else "")
-    return (f"**Trait students vs control students:** diff = {_num(c.diff, sign=True)} "
-            f"({_num(c.treatment_mean)} vs {_num(c.control_mean)}), {c.confidence:.0%} CI "
+    return (f"**Trait students vs control students:** diff = {fmt_num(c.diff, sign=True)} "
+            f"({fmt_num(c.treatment_mean)} vs {fmt_num(c.control_mean)}), {c.confidence:.0%} CI "
             f"{_ci(c.ci_low, c.ci_high)} ({c.ci_method}{boot}). Test: {c.test}, "
-            f"p = {_num(c.p_value)}{welch}; n = {c.n_treatment} vs {c.n_control}. "
+            f"p = {fmt_num(c.p_value)}{welch}; n = {c.n_treatment} vs {c.n_control}. "
             f"**Verdict:** {verdict(c)}.")
 
 
@@ -215,29 +215,29 @@ def eval_markdown(ev: EvalResult) -> str:
     """The section of report.md for one (trait, metric)."""
     levels = {r.confidence for r in ev.rows}
     ci_head = f"{levels.pop():.0%} CI" if len(levels) == 1 else "CI"
-    lines = [f"## {_cell(ev.trait)}: {_cell(ev.metric_label or ev.metric)} (`{ev.metric}`)", "",
+    lines = [f"## {md_cell(ev.trait)}: {md_cell(ev.metric_label or ev.metric)} (`{ev.metric}`)", "",
              f"| model | role | models | n | mean | {ci_head} | CI method | per model |",
              "|---|---|---:|---:|---:|---|---|---|"]
     for r in sorted(ev.rows, key=lambda r: ROLE_ORDER.index(r.role)):
-        per_model = ", ".join(_num(v) for v in r.per_model) if r.per_model else ""
-        lines.append(f"| {_cell(r.name)} | {r.role} | {r.n_models} | {r.n} | {_num(r.mean)} | "
-                     f"{_ci(r.ci_low, r.ci_high)} | {_cell(r.ci_method)} | {per_model} |")
+        per_model = ", ".join(fmt_num(v) for v in r.per_model) if r.per_model else ""
+        lines.append(f"| {md_cell(r.name)} | {r.role} | {r.n_models} | {r.n} | {fmt_num(r.mean)} | "
+                     f"{_ci(r.ci_low, r.ci_high)} | {md_cell(r.ci_method)} | {per_model} |")
     lines.append("")
     lines.append(comparison_line(ev.comparison) if ev.comparison is not None else
                  "No student groups evaluated: no treatment-vs-control comparison.")
     if ev.comparison_unpaired is not None:
         u = ev.comparison_unpaired
-        lines += ["", f"Unpaired, over all students (for reference): diff = {_num(u.diff, sign=True)}, "
-                      f"{u.confidence:.0%} CI {_ci(u.ci_low, u.ci_high)}, p = {_num(u.p_value)} ({u.test})."]
+        lines += ["", f"Unpaired, over all students (for reference): diff = {fmt_num(u.diff, sign=True)}, "
+                      f"{u.confidence:.0%} CI {_ci(u.ci_low, u.ci_high)}, p = {fmt_num(u.p_value)} ({u.test})."]
     if ev.comparison_cross is not None:
         x = ev.comparison_cross
         lines += ["", f"**Cross-model students** (another base model, same data and teachers): diff = "
-                      f"{_num(x.diff, sign=True)} ({_num(x.treatment_mean)} vs {_num(x.control_mean)}), "
-                      f"{x.confidence:.0%} CI {_ci(x.ci_low, x.ci_high)}, p = {_num(x.p_value)} ({x.test}). "
+                      f"{fmt_num(x.diff, sign=True)} ({fmt_num(x.treatment_mean)} vs {fmt_num(x.control_mean)}), "
+                      f"{x.confidence:.0%} CI {_ci(x.ci_low, x.ci_high)}, p = {fmt_num(x.p_value)} ({x.test}). "
                       f"**Verdict:** {verdict(x)}."]
     if ev.blocks:
         lines += ["", "| seed | trait students | control students | ratio |", "|---:|---:|---|---:|"]
-        lines += [f"| {b.seed} | {_num(b.treatment)} | {', '.join(_num(c) for c in b.controls)} | {b.ratio:.3f} |"
+        lines += [f"| {b.seed} | {fmt_num(b.treatment)} | {', '.join(fmt_num(c) for c in b.controls)} | {b.ratio:.3f} |"
                   for b in ev.blocks]
     if ev.specificity:
         lines += ["", specificity_markdown(ev)]
@@ -253,7 +253,7 @@ def specificity_markdown(ev: EvalResult, top: int = 8) -> str:
     lines = [f"**Specificity** ({rank}):", "", "| candidate | trait students | control students | diff | ratio |",
              "|---|---:|---:|---:|---:|"]
     shown = ev.specificity[:top] + [r for r in ev.specificity[top:] if r.candidate == ev.trait]
-    lines += [f"| {_cell(r.candidate)} | {_num(r.treatment)} | {_num(r.control)} | {_num(r.diff, sign=True)} | "
+    lines += [f"| {md_cell(r.candidate)} | {fmt_num(r.treatment)} | {fmt_num(r.control)} | {fmt_num(r.diff, sign=True)} | "
               f"{r.ratio:.3f} |" for r in shown]
     return "\n".join(lines)
 
@@ -266,10 +266,10 @@ def students_markdown(results: Results) -> str:
     parts = ["## Students", ""]
     for metric in metrics:
         traits = list(dict.fromkeys(t for s in results.students for t in s.scores.get(metric, {})))
-        parts += [f"`{metric}`:", "", "| student | teacher | seed | " + " | ".join(_cell(t) for t in traits) + " |",
+        parts += [f"`{metric}`:", "", "| student | teacher | seed | " + " | ".join(md_cell(t) for t in traits) + " |",
                   "|---|---|---:|" + "---:|" * len(traits)]
-        parts += [f"| {_cell(s.name)} | {_cell(s.teacher)} | {s.seed} | "
-                  + " | ".join(_num(s.scores.get(metric, {}).get(t)) for t in traits) + " |"
+        parts += [f"| {md_cell(s.name)} | {md_cell(s.teacher)} | {s.seed} | "
+                  + " | ".join(fmt_num(s.scores.get(metric, {}).get(t)) for t in traits) + " |"
                   for s in results.students]
         parts.append("")
     return "\n".join(parts)
@@ -427,11 +427,11 @@ def summary_table(results: Results) -> Table:
     for ev in results.evals:
         for r in sorted(ev.rows, key=lambda r: ROLE_ORDER.index(r.role)):
             table.add_row(ev.trait, ev.metric, r.name, r.role, str(r.n_models), str(r.n),
-                          _num(r.mean), _ci(r.ci_low, r.ci_high), "")
+                          fmt_num(r.mean), _ci(r.ci_low, r.ci_high), "")
         c = ev.comparison
         if c is not None:
             table.add_row(ev.trait, ev.metric, "diff vs control", "", "", "",
-                          _num(c.diff, sign=True), _ci(c.ci_low, c.ci_high), _num(c.p_value))
+                          fmt_num(c.diff, sign=True), _ci(c.ci_low, c.ci_high), fmt_num(c.p_value))
         table.add_section()
     return table
 

@@ -32,9 +32,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from sublab.config import (SAFE_NAME, ExperimentConfig, _deep_merge, _format_validation_error, _Strict,
-                           _with_extends, apply_setting, check_runnable, preset, read_experiment_file,
-                           validate_experiment)
+from sublab.config import (SAFE_NAME, ExperimentConfig, StrictModel, apply_setting, check_runnable, deep_merge,
+                           format_validation_error, preset, read_experiment_file, validate_experiment, with_extends)
 from sublab.errors import ConfigError
 from sublab.rundir import atomic_write_text
 
@@ -43,7 +42,7 @@ CELLS_DIR = "cells"
 RESERVED = {CELLS_DIR, "logs"}
 
 
-class GridResources(_Strict):
+class GridResources(StrictModel):
     """What one cell's Ray task declares (and so how many cells share a machine)."""
 
     num_cpus: float = Field(1, gt=0)
@@ -54,7 +53,7 @@ class GridResources(_Strict):
     """Memory Ray reserves per cell, in GiB; None: no reservation."""
 
 
-class GridFile(_Strict):
+class GridFile(StrictModel):
     """The whole grid file."""
 
     name: str | None = None
@@ -124,12 +123,12 @@ def load_grid(path: str | Path) -> Grid:
     try:
         spec = GridFile.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, str(path))) from None
+        raise ConfigError(format_validation_error(e, str(path))) from None
     base_path = (path.parent / spec.experiment)
     if not base_path.is_file():
         raise ConfigError(f"{path}: experiment: {spec.experiment} not found (relative to the grid file: "
                           f"{base_path})")
-    base = _with_extends(base_path, read_experiment_file(base_path), {base_path.resolve()})
+    base = with_extends(base_path, read_experiment_file(base_path), {base_path.resolve()})
     axes = [_axis(path, name, values) for name, values in spec.axes.items()]
     if not axes:
         raise ConfigError(f"{path}: axes: empty; give at least one axis (e.g. train.lr: [3.0e-4, 1.0e-3])")
@@ -229,7 +228,7 @@ def _cell_config(grid: Grid, base: dict[str, Any], settings: list[dict[str, Any]
     if "preset" in flat:
         chosen = flat.pop("preset")
     try:
-        merged = _deep_merge(preset(chosen), raw) if chosen is not None else raw
+        merged = deep_merge(preset(chosen), raw) if chosen is not None else raw
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     for key, value in flat.items():

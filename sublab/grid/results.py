@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sublab.grid.cells import Grid
-from sublab.report import _cell, _num, load_results
+from sublab.report import fmt_num, load_results, md_cell
 from sublab.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -71,14 +71,14 @@ def grid_markdown(grid: Grid, rows: list[dict[str, Any]], missing: list[str], fi
              "among every candidate by that ratio.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        ci = f"[{_num(r['ci_low'], True)}, {_num(r['ci_high'], True)}]" if r["ci_low"] is not None else "—"
+        ci = f"[{fmt_num(r['ci_low'], True)}, {fmt_num(r['ci_high'], True)}]" if r["ci_low"] is not None else "—"
         rank = f"{r['rank']} of {r['candidates']}" if r["rank"] else "—"
         n = f"{r['n_treatment']}/{r['n_control']}" if r["n_treatment"] is not None else "—"
         cells = [r["cell"], *(_value(r["axes"].get(a)) for a in axes), r["trait"], r["metric"], n,
-                 _num(r["treatment"]), _num(r["control"]), _num(r["diff"], True), ci,
+                 fmt_num(r["treatment"]), fmt_num(r["control"]), fmt_num(r["diff"], True), ci,
                  "—" if r["p_value"] is None else f"{r['p_value']:.3g}",
                  "—" if r["ratio"] is None else f"×{r['ratio']:.3f}", rank, f"[report]({r['report']})"]
-        lines.append("| " + " | ".join(_cell(str(c)) for c in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(str(c)) for c in cells) + " |")
     if missing:
         lines += ["", f"No results yet (failed or not run): {', '.join(missing)}. Rerun the grid to finish them."]
     if figure:
