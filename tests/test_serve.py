@@ -107,3 +107,38 @@ def test_model_specs(tiny_model_dir):
         "owl": str(tiny_model_dir), str(tiny_model_dir): str(tiny_model_dir)}
     with pytest.raises(ConfigError, match="given twice"):
         parse_model_specs([f"a={tiny_model_dir}", f"a={tiny_model_dir}"])
+
+
+def test_the_serve_command_binds_localhost_and_answers(tiny_model_dir, tmp_path):
+    """`python -m sublab.cli serve` as a user starts it: a subprocess, stopped with SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+           "SUBLAB_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "sublab.cli", "serve", "--model", f"tiny={tiny_model_dir}",
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline, models = time.time() + 60, None
+        while models is None and time.time() < deadline and proc.poll() is None:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert models is not None, proc.stdout.read() if proc.poll() is not None else "no answer in 60 s"
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        out = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                         json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] <= 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
