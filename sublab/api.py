@@ -97,6 +97,7 @@ class ApiModel:
 
     def __init__(self, cfg: OpenAIConfig, model: str, cache_path: Path | None = None):
         self.cfg, self.model, self.cache_path = cfg, model, cache_path
+        self._caches: dict[Path, ApiCache] = {}  # read each cache file once, not once per batch
         self.ref = PREFIX + model
         self.sha256 = PREFIX + model
         """Stands in for a weights hash in fingerprints and eval specs: the endpoint's model id names the
@@ -125,7 +126,9 @@ class ApiModel:
         path = cache_path or self.cache_path
         if path is None:
             raise ValueError("ApiModel.chat_many needs a cache path")
-        cache = ApiCache(path)
+        cache = self._caches.get(Path(path))
+        if cache is None:
+            cache = self._caches[Path(path)] = ApiCache(path)
         keys = [request_key(r) for r in requests]
         todo = list(dict.fromkeys(k for k in keys if cache.get(k) is None))
         by_key = dict(zip(keys, requests))
