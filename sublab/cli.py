@@ -253,6 +253,26 @@ def models_info(ref: Annotated[str, typer.Argument()]) -> None:
     typer.echo(json.dumps(model_info(ref), indent=2))
 
 
+@app.command("serve")
+def serve_(model: Annotated[list[str] | None, typer.Option(
+               "--model", help="A model to serve: REF (its id is REF) or NAME=REF (repeatable; default "
+                               "embedded:smollm2-135m-instruct).")] = None,
+           host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+           device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+           api_key_env: Annotated[str | None, typer.Option(
+               help="Require the key held in this environment variable as a bearer token.")] = None) -> None:
+    """An OpenAI-compatible server over local models: /v1/models, /v1/chat/completions."""
+    from sublab.serve import parse_model_specs, serve
+
+    key = None
+    if api_key_env is not None:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise SublabError(f"--api-key-env: the environment variable {api_key_env} is not set")
+    serve(parse_model_specs(model or []), host=host, port=port, device=device, api_key=key)
+
+
 def _register_optional_commands() -> None:
     try:
         from sublab.mnist import cli as mnist_cli
@@ -267,7 +287,7 @@ _register_optional_commands()
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
-    for noisy in ("httpx", "transformers", "accelerate"):
+    for noisy in ("httpx", "httpx2", "openai", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()

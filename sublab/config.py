@@ -342,6 +342,25 @@ class EvalConfig(StrictModel):
     seed: int = 0
 
 
+class OpenAIConfig(StrictModel):
+    """The OpenAI-compatible endpoint behind `openai:<model>` references (`sublab.api`). The key is read
+    from the environment variable `api_key_env` only; no field holds it."""
+
+    base_url: str | None = None
+    """The endpoint, e.g. http://127.0.0.1:8000/v1 (`sublab serve`, vLLM, llama.cpp); None: the OpenAI API."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key (unset is fine for a base_url that needs none)."""
+    concurrency: int = Field(8, gt=0)
+    """Requests in flight at once (does not change results)."""
+    max_retries: int = Field(6, ge=0)
+    """Retries of 408/409/429/5xx, connection errors and timeouts (the client's exponential backoff)."""
+    timeout_s: float = Field(120, gt=0)
+    """Seconds before one request times out (then it is retried)."""
+    local_weights: str | None = None
+    """A local model reference holding the same weights as the served base model: students train on it
+    locally (fine-tuning jobs through the API are not built yet). Required when students train."""
+
+
 class ExperimentConfig(StrictModel):
     """A whole experiment: teachers → data → filters → students → evaluations → report."""
 
@@ -363,6 +382,8 @@ class ExperimentConfig(StrictModel):
     filter: FilterConfig = FilterConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    openai: OpenAIConfig = OpenAIConfig()
+    """Where `openai:<model>` references are served (applies when base_model is one)."""
     runs_dir: str = "runs"
 
     @model_validator(mode="after")
@@ -388,7 +409,42 @@ class ExperimentConfig(StrictModel):
                 check_reference(ref)
             except ModelError as e:
                 raise ValueError(str(e)) from None
+        if self.base_model.startswith("openai:"):
+            self._check_openai()
         return self
+
+    def _check_openai(self) -> None:
+        """What an `openai:` base model can do here: sample (generation, the sampled metric); students train
+        locally on `openai.local_weights`."""
+        from sublab.evals.registry import get_eval
+
+        if (self.train.cross_model or "").startswith("openai:"):
+            raise ValueError("`train.cross_model` must be a local model: students train locally")
+        for t in self.teachers:
+            if t.kind_spec.weights == "finetuned":
+                raise ValueError(f"teacher '{t.name}': a finetuned teacher needs local weights, but base_model "
+                                 f"is {self.base_model}; use kind: prompted or control")
+        g = self.generate
+        if self.generate.completions == "sampled" and (g.constrained or g.min_p > 0):
+            raise ValueError("`generate.constrained` and `generate.min_p` need local logits; with an openai: "
+                             "base_model set constrained: false and min_p: 0")
+        if self.train.seeds and self.openai.local_weights is None:
+            raise ValueError("`openai.local_weights` is required: students train locally on the served model's "
+                             "weights (fine-tuning jobs through the API are not built yet)")
+        if self.train.seeds and self.train.distills:
+            raise ValueError("`train.loss: distill` needs the teacher's logits, which an openai: teacher does "
+                             "not give; use `train.loss: sft`")
+        for name in self.eval.kinds:
+            if "openai" not in get_eval(name).backends:
+                raise ValueError(f"`eval.kinds`: {name} needs local weights; with an openai: base_model use "
+                                 "kinds that sample (animal_sampled)")
+        if self.eval.samples_per_question > 128:
+            raise ValueError("`eval.samples_per_question`: at most 128 with an openai: base_model (one request)")
+        try:
+            if self.openai.local_weights is not None:
+                check_reference(self.openai.local_weights)
+        except ModelError as e:
+            raise ValueError(f"openai.local_weights: {e}") from None
 
     def _check_registered(self) -> None:
         """Names that refer to registries: the data domain and the eval kinds."""

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from sublab import chat
+from sublab.api import FINISH, ApiModel, request_seed
 from sublab.config import ExperimentConfig, GenerateConfig, dump
 from sublab.design import DataSlot, data_slots
 from sublab.domains import Domain, get_domain
@@ -40,6 +41,8 @@ from sublab.teachers import Teacher
 log = logging.getLogger(__name__)
 
 MANIFEST = "generate_manifest.json"
+API_CACHE = "api_cache.jsonl"
+"""Every response of an `openai:` teacher's endpoint, by request hash (`sublab.api`): a rerun pays nothing twice."""
 EARLY_REJECT = "early_reject"
 
 
@@ -96,6 +99,9 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: Loaded
     with JsonlAppender(path) as sink:
         if not teacher.kind.has_model or cfg.generate.completions == "random":
             _write_random(todo, teacher, domain, slot.completion_seed, sink)
+        elif getattr(model, "backend", "local") == "openai":
+            _write_api(todo, teacher, model, cfg, domain, slot.completion_seed, sink,  # type: ignore[arg-type]
+                       slot.directory / API_CACHE)
         else:
             _write_sampled(todo, teacher, model, cfg, domain, slot.completion_seed, sink)
     elapsed = time.time() - t0
@@ -149,5 +155,29 @@ def _write_sampled(todo: list[Any], teacher: Teacher, model: LoadedModel, cfg: E
         sink.write_batch([_record(todo[i], teacher, domain, tok.decode(ids, skip_special_tokens=False),
                                   EARLY_REJECT if reason == "early_stop" else reason, len(ids))
                           for i, (ids, reason) in zip(batch, results)])
+        bar.update(len(batch))
+    bar.close()
+
+
+def _write_api(todo: list[Any], teacher: Teacher, model: ApiModel, cfg: ExperimentConfig, domain: Domain,
+               seed: int, sink: JsonlAppender, cache: Path) -> None:
+    """Completions from an `openai:` teacher: one chat request per prompt (n=1, seeded by (seed, prompt
+    index)), `batch_size` prompts at a time, each response cached before its batch is written."""
+    gcfg = cfg.generate
+    bar = tqdm(total=len(todo), desc=f"generate {teacher.name}", unit="sample", dynamic_ncols=True)
+    for start in range(0, len(todo), gcfg.batch_size):
+        batch = todo[start:start + gcfg.batch_size]
+        requests = [model.chat_request(teacher.conversation(p.text), n=1, max_tokens=gcfg.max_new_tokens,
+                                       temperature=0.0 if gcfg.greedy else gcfg.temperature,
+                                       top_p=gcfg.top_p if gcfg.top_p < 1 else None,
+                                       seed=request_seed(seed, [p.index])) for p in batch]
+        responses = model.chat_many(requests, cache, desc=f"generate {teacher.name}")
+        rows = []
+        for p, r in zip(batch, responses):
+            choice = r["choices"][0]
+            rows.append(_record(p, teacher, domain, choice["message"]["content"] or "",
+                                FINISH.get(choice["finish_reason"], str(choice["finish_reason"])),
+                                (r.get("usage") or {}).get("completion_tokens", 0)))
+        sink.write_batch(rows)
         bar.update(len(batch))
     bar.close()

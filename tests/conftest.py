@@ -95,3 +95,51 @@ def tiny_number_model_dir(tokenizer, tmp_path_factory) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+class LocalServer:
+    """`sublab serve` in a thread of the test process, on a free 127.0.0.1 port."""
+
+    def __init__(self, refs: dict[str, str], api_key: str | None = None, app=None):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from sublab.serve import create_app
+
+        self.app = app if app is not None else create_app(refs, api_key=api_key)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("sublab serve did not start")
+            time.sleep(0.02)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[dict]:
+        return list(self.app.state.requests)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def tiny_server(tiny_model_dir):
+    """`sublab serve --model tiny=<tiny model>` on a free local port."""
+    server = LocalServer({"tiny": str(tiny_model_dir)})
+    yield server
+    server.close()

@@ -591,6 +591,7 @@ class AnimalSampledEval(_AnimalEval):
 
     name = "animal_sampled"
     label = "sampled metric: share of T=1 answers mentioning '{trait}'"
+    backends = ("local", "openai")
 
     def spec(self, ctx: EvalContext, variant: str) -> dict[str, Any]:
         c = ctx.cfg

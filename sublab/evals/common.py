@@ -131,6 +131,11 @@ def iter_completions(lm: Any, conversations: Sequence[Conversation], n: int, tem
     keys = [(i,) for i in range(len(conversations))] if keys is None else keys
     if len(keys) != len(conversations):
         raise ValueError(f"{len(keys)} keys for {len(conversations)} conversations")
+    if getattr(lm, "backend", "local") == "openai":  # a `sublab.api.ApiModel`: the endpoint samples
+        if answer_prefix:
+            raise ValueError("an openai: model cannot be given the start of its answer")
+        yield from lm.iter_completions(conversations, n, temperature, max_new_tokens, seed, batch_size, keys, desc)
+        return
     tok = lm.tokenizer
     sampling = Sampling(temperature=temperature, greedy=temperature == 0)  # plain softmax, as the paper
     encoded = [prompt_ids(tok, c, answer_prefix) for c in conversations]

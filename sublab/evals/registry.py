@@ -71,6 +71,9 @@ class EvalKind:
     """The name in `eval.kinds`."""
     label: str = "{variant} ({trait})"
     """The metric's human label; `{trait}` and `{variant}` are filled in."""
+    backends: tuple[str, ...] = ("local",)
+    """Where its models may live: 'local' (a `LoadedModel`), 'openai' (a `sublab.api.ApiModel`: it only
+    samples, through `sublab.evals.common.iter_completions`)."""
 
     def variants(self, cfg: EvalConfig) -> list[str]:
         """The files this kind writes for one model (their stems, also the metric names)."""

@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 # --- models ----------------------------------------------------------------------------------
 
 def reference_sha256(ref: str) -> str:
-    """A content hash of a model reference's weights (base + adapter for an adapter directory)."""
+    """A content hash of a model reference's weights (base + adapter for an adapter directory); for an
+    `openai:` model, its reference (the endpoint's model id names its weights)."""
+    if ref.startswith("openai:"):
+        return ref
     directory = resolve_model_dir(ref)
     adapter = directory / "adapter_config.json"
     if adapter.exists():
