@@ -307,8 +307,11 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     fifo = tmp_path / "exp.yaml"
     os.mkfifo(fifo)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIG_DFL in the child: whatever an earlier test left in this process (an ignored SIGINT is inherited
+    # across exec) must not decide what the command does with Ctrl-C.
     proc = subprocess.Popen([sys.executable, "-m", "sublab.cli", "validate", str(fifo)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 60
         while True:  # opening the writer end succeeds only once the command has the FIFO open
@@ -320,7 +323,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
                 time.sleep(0.05)
         time.sleep(0.2)  # into the blocking read
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=60)
         os.close(writer)
     finally:
         proc.kill()
