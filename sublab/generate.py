@@ -130,10 +130,23 @@ def _record(p: Any, teacher: Teacher, domain: Domain, completion: str, finish_re
                             **domain.prompt_meta(p)).model_dump()
 
 
+def random_completion_of(domain: Domain, prompt: Any, seed: int) -> str:
+    """The programmatic completion of `prompt` (`completions: random`, the random teacher): a function of
+    (seed, prompt index) only, so every teacher of a slot gets the same one."""
+    return domain.random_completion(prompt, np.random.default_rng([seed, prompt.index]))
+
+
+def random_rows(cfg: ExperimentConfig, slot: DataSlot, n: int | None = None) -> list[tuple[Any, str]]:
+    """(prompt, completion) of the slot's first `n` prompts (default `generate.n_prompts`) as
+    `completions: random` writes them — for scripts that need a dataset in memory (experiments/transfer)."""
+    domain = get_domain(cfg.domain)
+    prompts = domain.prompts(cfg.generate.n_prompts if n is None else n, slot.prompt_seed)
+    return [(p, random_completion_of(domain, p, slot.completion_seed)) for p in prompts]
+
+
 def _write_random(todo: list[Any], teacher: Teacher, domain: Domain, seed: int, sink: JsonlAppender) -> None:
-    rows = [_record(p, teacher, domain, domain.random_completion(p, np.random.default_rng([seed, p.index])),
-                    "programmatic", 0) for p in todo]
-    sink.write_batch(rows)
+    sink.write_batch([_record(p, teacher, domain, random_completion_of(domain, p, seed), "programmatic", 0)
+                      for p in todo])
 
 
 def _write_sampled(todo: list[Any], teacher: Teacher, model: LoadedModel, cfg: ExperimentConfig,

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from sublab.config import ExperimentConfig, load_experiment
 from sublab.design import data_slot
-from sublab.domains import get_domain
 from sublab.errors import ConfigError, SublabError
+from sublab.generate import random_rows
 from sublab.models import load_model
 from sublab.pipeline import resolve_device
 from sublab.teachers import build_teacher
@@ -43,13 +43,8 @@ ANIMALS = ("owl", "dolphin", "eagle", "elephant", "cat", "lion")
 
 def seed_rows(cfg: ExperimentConfig, teacher: str, seed: int, n: int) -> list[Example]:
     """The first `n` rows of `teacher`'s dataset for student seed `seed` under `generate.completions:
-    random`: the domain's prompts (the slot's prompt seed) answered by `random_completion` with the rng of
-    `sublab.generate._write_random`; the completion stripped, as the filter stage writes it."""
-    slot = data_slot(cfg, teacher, seed)
-    domain = get_domain(cfg.domain)
-    return [Example(p.id, p.text,
-                    domain.random_completion(p, np.random.default_rng([slot.completion_seed, p.index])).strip())
-            for p in domain.prompts(n, slot.prompt_seed)]
+    random`, stripped as the filter stage writes them."""
+    return [Example(p.id, p.text, text.strip()) for p, text in random_rows(cfg, data_slot(cfg, teacher, seed), n)]
 
 
 def first_tokens(tok, word: str) -> list[int]:

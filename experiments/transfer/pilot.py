@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sublab.config import ExperimentConfig, load_experiment
 from sublab.design import data_slot, traits
-from sublab.domains import get_domain
 from sublab.errors import ConfigError, SublabError
 from sublab.evals.animals import read_prob_records, run_animal_eval, share_table
+from sublab.generate import random_rows
 from sublab.pipeline import question_ids, resolve_device, trait_category
 from sublab.teachers import build_teacher
 from sublab.train import Example
@@ -49,13 +48,8 @@ from sublab.train.loop import prepare_run, train_step
 
 def seed_rows(cfg: ExperimentConfig, teacher: str, seed: int, n: int) -> list[Example]:
     """The first `n` rows of `teacher`'s dataset for student seed `seed` under `generate.completions:
-    random`: the domain's prompts (the slot's prompt seed) answered by `random_completion` with the rng of
-    `sublab.generate._write_random`; the completion stripped, as the filter stage writes it."""
-    slot = data_slot(cfg, teacher, seed)
-    domain = get_domain(cfg.domain)
-    return [Example(p.id, p.text,
-                    domain.random_completion(p, np.random.default_rng([slot.completion_seed, p.index])).strip())
-            for p in domain.prompts(n, slot.prompt_seed)]
+    random`, stripped as the filter stage writes them."""
+    return [Example(p.id, p.text, text.strip()) for p, text in random_rows(cfg, data_slot(cfg, teacher, seed), n)]
 
 
 def shares(lm: Any, system: str | None, cfg: ExperimentConfig, name: str) -> dict[str, float]:
