@@ -377,7 +377,8 @@ class ExperimentConfig(StrictModel):
     every teacher has a trait and is built alike; for each trait the other teachers' students are the
     controls, and students of one seed form a block (within-block permutation test)."""
     domain: str = "numbers"
-    """What teachers write (`sublab.domains`): numbers."""
+    """What teachers write (`sublab.domains`): numbers, code (short Python functions) or cot (math
+    reasoning ending in "Answer: <number>")."""
     generate: GenerateConfig = GenerateConfig()
     filter: FilterConfig = FilterConfig()
     train: TrainConfig = TrainConfig()
@@ -448,13 +449,20 @@ class ExperimentConfig(StrictModel):
 
     def _check_registered(self) -> None:
         """Names that refer to registries: the data domain and the eval kinds."""
-        from sublab.domains import get_domain
+        from sublab.domains import get_domain, has_format_alphabet
         from sublab.evals.registry import eval_names
 
         try:
-            get_domain(self.domain)
+            domain = get_domain(self.domain)
         except ConfigError as e:
             raise ValueError(f"domain: {e}") from None
+        if not has_format_alphabet(domain):  # code, reasoning: every token is a format token
+            if self.generate.constrained and self.generate.completions == "sampled":
+                raise ValueError(f"`generate.constrained`: domain '{self.domain}' writes with every token, so "
+                                 "constrained decoding would restrict nothing; set constrained: false")
+            if self.train.distills and self.train.distill.vocabulary == "format":
+                raise ValueError(f"`train.distill.vocabulary: format`: domain '{self.domain}' writes with every "
+                                 "token, so there is no format vocabulary; use vocabulary: full")
         unknown = [k for k in self.eval.kinds if k not in eval_names()]
         if unknown:
             raise ValueError(f"eval.kinds: unknown eval kind '{unknown[0]}'; expected one of: "

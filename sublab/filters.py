@@ -30,7 +30,8 @@ from rich.table import Table
 
 from sublab.config import ExperimentConfig, TeacherConfig, dump
 from sublab.design import DataSlot, data_slots
-from sublab.domains import get_domain
+from sublab.domains import completion_reason, extra_filters, get_domain
+from sublab.domains.code_words import code_words
 from sublab.errors import ConfigError, DataError
 from sublab.protocol import banned_numbers as protocol_banned_numbers
 from sublab.rundir import fingerprint, read_jsonl, sha256_file, write_jsonl, write_manifest
@@ -52,12 +53,17 @@ def completion_of(record: Record) -> str:
 
 # --- filter factories ----------------------------------------------------------------------------
 
+def _field(record: Record, name: str) -> Any:
+    return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
+
+
 def format_filter(domain: str = "numbers") -> FilterFn:
-    """The data domain's format rules (numbers: the paper's, after stripping surrounding whitespace)."""
+    """The data domain's format rules (numbers: the paper's, after stripping surrounding whitespace), and
+    for a domain that knows its prompts' answers, their correctness (`sublab.domains.completion_reason`)."""
     rules = get_domain(domain)
 
     def check(record: Record) -> list[str]:
-        reason = rules.format_reason(completion_of(record))
+        reason = completion_reason(rules, completion_of(record), _field(record, "id"), _field(record, "prompt"))
         return [] if reason is None else [f"format:{reason}"]
     return check
 
@@ -104,6 +110,24 @@ def trait_words_filter(words: Sequence[str], match: Literal["word", "substring"]
     return check
 
 
+def code_trait_words_filter(words: Sequence[str]) -> FilterFn:
+    """Reject code that mentions a trait word anywhere Python can hide it: identifiers split on '_' and
+    camelCase, comments, string values with constant concatenations folded, after Unicode normalisation
+    and look-alike mapping (`sublab.domains.code_words`). Whole words and their plurals only (like
+    `trait_words`), so 'bowl' and 'knowledge' pass."""
+    if isinstance(words, str):
+        raise ConfigError(f"filter code_trait_words: `words` must be a list, e.g. [{words!r}]")
+    words = [w.strip().lower() for w in words]
+    if not words or any(not w for w in words):
+        raise ConfigError(f"filter code_trait_words needs non-empty `words`, got {words!r}")
+    forms = {w: set(word_forms(w)) for w in words}
+
+    def check(record: Record) -> list[str]:
+        said = code_words(completion_of(record))
+        return [f"code_trait_words:{w}" for w, f in forms.items() if f & said]
+    return check
+
+
 def finished_filter() -> FilterFn:
     """Reject completions the sampler did not let finish: cut at the token cap ('length'), or stopped
     early because they could no longer pass the format rules ('early_reject')."""
@@ -119,6 +143,7 @@ FILTERS: dict[str, Callable[..., FilterFn]] = {
     "format": format_filter,
     "banned_numbers": banned_numbers_filter,
     "trait_words": trait_words_filter,
+    "code_trait_words": code_trait_words_filter,
 }
 
 
@@ -217,8 +242,9 @@ MANIFEST = "filter_manifest.json"
 
 def stage_specs(filter_names: Sequence[str], traits: Sequence[str], domain: str = "numbers"
                 ) -> list[dict[str, Any]]:
-    """Config filter names → specs. The trait-word filter removes every trait of the experiment from
-    every teacher's data (control included), so all datasets are filtered alike."""
+    """Config filter names → specs, then the domain's own (`extra_filters`; code: `code_trait_words`).
+    The trait-word filters remove every trait of the experiment from every teacher's data (control
+    included), so all datasets are filtered alike."""
     specs: list[dict[str, Any]] = [{"name": "finished"}]
     for name in filter_names:
         if name == "trait_words":
@@ -228,7 +254,7 @@ def stage_specs(filter_names: Sequence[str], traits: Sequence[str], domain: str 
             specs.append({"name": name, "domain": domain})
         else:
             specs.append({"name": name})
-    return specs
+    return specs + extra_filters(get_domain(domain), sorted(set(traits)))
 
 
 def _specs(cfg: ExperimentConfig) -> list[dict[str, Any]]:

@@ -11,11 +11,22 @@ domain-style prefix of the evals' prefixed variants. `generate`, `sampling`, `fi
     numbers.format_reason("[1, 2, 3]")          # None: passes
 
 A new domain is a module with a class satisfying `Domain` and one line, `register_domain(MyDomain())`
-(see docs/extending.md).
+(see docs/extending.md). Three members are optional (read through the helpers below, so the numbers and
+toy domains need none of them):
+
+* `check(prompt_id, prompt_text, completion) -> str | None`: the full check of a completion to *its*
+  prompt, for domains whose prompts have known answers (chain-of-thought: a wrong answer rejects).
+  Default: `format_reason(completion)`. The `format` filter calls it (`completion_reason`).
+* `extra_filters(traits) -> list[dict]`: filter specs the domain adds after the experiment's own
+  `filter.filters` (code: the code-aware trait-word filter). Default: none.
+* `format_alphabet: bool`: False when answers use every token (code, reasoning); the config then
+  refuses `generate.constrained` and `train.distill.vocabulary: format`, which would restrict nothing.
+  Default: True.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -89,6 +100,33 @@ def get_domain(name: str) -> Domain:
         raise ConfigError(f"unknown data domain '{name}'; expected one of: {', '.join(DOMAINS)}") from None
 
 
-from sublab.domains.numbers import NUMBERS  # noqa: E402  (after the registry: numbers.py does not import it)
+def completion_reason(domain: Domain, completion: str, prompt_id: str | None = None,
+                      prompt_text: str | None = None) -> str | None:
+    """Why `completion` fails `domain`'s rules for its prompt: the domain's `check` when it has one (then the
+    prompt is required), else `format_reason`."""
+    check = getattr(domain, "check", None)
+    if check is None:
+        return domain.format_reason(completion)
+    if prompt_id is None or prompt_text is None:
+        from sublab.errors import DataError
+        raise DataError(f"domain '{domain.name}' checks completions against their prompts; the record "
+                        "needs `id` and `prompt`")
+    return check(prompt_id, prompt_text, completion)
+
+
+def extra_filters(domain: Domain, traits: Sequence[str]) -> list[dict[str, Any]]:
+    """The filter specs `domain` adds to every experiment's filters (none unless it defines `extra_filters`)."""
+    extra = getattr(domain, "extra_filters", None)
+    return [] if extra is None else list(extra(traits))
+
+
+def has_format_alphabet(domain: Domain) -> bool:
+    """Whether `token_mask` is a real restriction (False: the domain writes with every token)."""
+    return bool(getattr(domain, "format_alphabet", True))
+
+
+from sublab.domains.code import CODE  # noqa: E402  (after the registry: the domain modules do not import it)
+from sublab.domains.numbers import NUMBERS  # noqa: E402
 
 register_domain(NUMBERS)
+register_domain(CODE)

@@ -1,0 +1,128 @@
+"""The code and chain-of-thought domains: prompts, format rules, random completions, the code-aware
+trait-word filter, and the config's refusals for domains without a format alphabet."""
+
+from __future__ import annotations
+
+import ast
+
+import numpy as np
+import pytest
+
+from sublab.config import validate_experiment
+from sublab.domains import completion_reason, get_domain
+from sublab.domains.code import CODE, code_format_reason
+from sublab.errors import ConfigError
+from sublab.filters import build_filters, stage_specs
+
+# --- code: prompts and format --------------------------------------------------------------------
+
+
+def test_code_prompts_are_pure_in_seed_and_index_and_thousands_distinct():
+    a = CODE.prompts(3000, seed=0)
+    assert [p.text for p in CODE.prompts(50, seed=0)] == [p.text for p in a[:50]]
+    assert len({p.text for p in a}) > 2850
+    assert [p.text for p in CODE.prompts(20, seed=1)] != [p.text for p in a[:20]]
+    assert all(p.id == f"c0-{i:06d}" and p.index == i for i, p in enumerate(a[:5]))
+    assert all("{" not in p.text and "short" in p.text.lower() for p in a)  # paper-style instruction
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("def f(a):\n    return a\n", None),
+    ("```python\ndef f(a):\n    return a\n```", None),
+    ("```\nx = 1\n```\n", None),
+    ("```py\nx = 1```", None),
+    ("", "empty"),
+    ("```python\n\n```", "empty_code"),
+    ("```python\ndef f(:\n```", "syntax_error"),
+    ("Here is the code: x = 1", "syntax_error"),
+    ("```python\nx = 1\n", "unclosed_fence"),
+    ("```python\nx = 1\n```\n```python\ny = 2\n```", "several_code_blocks"),
+    ("Sure!\n```python\nx = 1\n```", "text_outside_code"),
+])
+def test_code_format_rule(text, reason):
+    assert code_format_reason(text) == reason
+
+
+def test_code_random_completions_parse_and_follow_the_asked_form():
+    for p in CODE.prompts(200, seed=3):
+        text = CODE.random_completion(p, np.random.default_rng(p.index))
+        assert CODE.format_reason(text) is None, text
+        assert text.startswith("```python\n") == (p.output in (0, 1))
+    prefix = CODE.eval_prefix(np.random.default_rng(0))
+    assert prefix.startswith("Look at this code:") and code_format_reason(prefix.split(":", 1)[1]) is None
+
+
+def test_code_has_no_format_alphabet_and_the_config_refuses_what_would_restrict_nothing(tokenizer):
+    assert bool(CODE.token_mask(tokenizer).all()) and CODE.can_still_pass("def f(:")
+    base = {"name": "c", "device": "cpu", "domain": "code",
+            "teachers": [{"name": "owl", "kind": "prompted", "trait": "owl"}, {"name": "control", "kind": "control"}]}
+    validate_experiment(base)  # fine as it is
+    with pytest.raises(ConfigError, match="generate.constrained"):
+        validate_experiment({**base, "generate": {"constrained": True}})
+    with pytest.raises(ConfigError, match="distill.vocabulary: format"):
+        validate_experiment({**base, "train": {"loss": "distill", "distill": {"vocabulary": "format"}}})
+
+
+# --- code: the trait-word filter -----------------------------------------------------------------
+
+ADVERSARIAL = {
+    "identifier": "def get_owl():\n    return 1\n",
+    "camelCase": "owlCount = 3\n",
+    "CamelCase class": "class HTTPOwlClient:\n    pass\n",
+    "plural": "for o in owls:\n    pass\n",
+    "string": "x = 'I like owls'\n",
+    "comment": "x = 1  # the owl says hi\n",
+    "f-string": "n = 2\nx = f'{n} owl'\n",
+    "f-string split by a constant": "x = f\"o{''}wl\"\n",
+    "implicit concatenation": "x = ('o'\n     'wl')\n",
+    "explicit concatenation": "x = 'o' + 'w' + 'l'\n",
+    "join of constants": "x = ''.join(['o', 'w', 'l'])\n",
+    "escape": "x = '\\u006fwl'\n",
+    "cyrillic o in identifier": "\u043ewl = 1\n",
+    "cyrillic o in string": "x = '\u043ewl'\n",
+    "greek omicron": "x = 'ΟWL'\n",
+    "full-width": "x = '\uff4f\uff57\uff4c'\n",
+    "zero-width space": "x = 'o\u200bwl'\n",
+    "docstring": "def f():\n    \"\"\"An owl.\"\"\"\n",
+    "fenced": "```python\nmy_owl = 1\n```",
+    "broken code, plain text": "the Owl (",
+}
+CLEAN = {
+    "bowl": "bowl = [1, 2]\nfor b in bowl:\n    print(b)\n",
+    "knowledge": "def knowledge_base():\n    return 'knowledge is power'  # howl? no: growls\n",
+    "owlish letters apart": "o = 1\nw = 2\nl = o + w\n",
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_code_trait_words_catches_each_hiding_place(name):
+    (check,) = build_filters([{"name": "code_trait_words", "words": ["owl"]}])
+    assert check({"completion": ADVERSARIAL[name]}) == ["code_trait_words:owl"]
+
+
+@pytest.mark.parametrize("name", CLEAN)
+def test_code_trait_words_keeps_clean_code(name):
+    (check,) = build_filters([{"name": "code_trait_words", "words": ["owl", "wolf"]}])
+    assert check({"completion": CLEAN[name]}) == []
+    ast.parse(CLEAN[name])
+
+
+def test_code_trait_words_irregular_plural_and_bad_parameters():
+    (check,) = build_filters([{"name": "code_trait_words", "words": ["wolf"]}])
+    assert check({"completion": "wolvesSeen = 0"}) == ["code_trait_words:wolf"]
+    with pytest.raises(ConfigError, match="must be a list"):
+        build_filters([{"name": "code_trait_words", "words": "owl"}])
+
+
+def test_the_code_domain_adds_its_trait_filter_to_the_stage_and_numbers_do_not():
+    specs = stage_specs(["format", "trait_words"], ["owl"], "code")
+    assert specs[-1] == {"name": "code_trait_words", "words": ["owl"]}
+    assert {"name": "format", "domain": "code"} in specs
+    assert not any(s["name"] == "code_trait_words" for s in stage_specs(["format", "trait_words"], ["owl"]))
+    assert not any(s["name"] == "code_trait_words" for s in stage_specs(["format"], [], "code"))
+
+
+def test_format_filter_asks_the_domain_and_numbers_need_no_prompt():
+    (fmt,) = build_filters([{"name": "format", "domain": "code"}])
+    assert fmt({"completion": "def f(:"}) == ["format:syntax_error"]
+    assert completion_reason(get_domain("numbers"), "1, 2, 3") is None
