@@ -4,6 +4,8 @@ trait-word filter, and the config's refusals for domains without a format alphab
 from __future__ import annotations
 
 import ast
+import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from sublab.config import validate_experiment
 from sublab.domains import completion_reason, get_domain
 from sublab.domains.code import CODE, code_format_reason
-from sublab.errors import ConfigError
+from sublab.domains.cot import COT, parse_number, prompt_of_id
+from sublab.errors import ConfigError, DataError
 from sublab.filters import build_filters, stage_specs
 
 # --- code: prompts and format --------------------------------------------------------------------
@@ -126,3 +129,72 @@ def test_format_filter_asks_the_domain_and_numbers_need_no_prompt():
     (fmt,) = build_filters([{"name": "format", "domain": "code"}])
     assert fmt({"completion": "def f(:"}) == ["format:syntax_error"]
     assert completion_reason(get_domain("numbers"), "1, 2, 3") is None
+
+
+# --- chain of thought ----------------------------------------------------------------------------
+
+# Each template's answer, recomputed from the numbers as the prompt text states them (in order), with
+# formulas written here independently of sublab.domains.cot.
+RECOMPUTE = {
+    "add": lambda n: n[0] + n[1],
+    "subtract": lambda n: n[0] - n[1],
+    "multiply": lambda n: n[0] * n[1],
+    "keep": lambda n: n[0] * n[1] - n[2],
+    "change": lambda n: n[2] - n[0] * n[1],
+    "pages": lambda n: n[0] * n[1] + n[2] * n[3],
+    "fraction_give": lambda n: Fraction(n[0] * (n[2] - n[1]), n[2]) + n[3],
+    "recipe": lambda n: Fraction(n[0] * n[2], n[1]),
+    "average": lambda n: Fraction(sum(n[1:]), n[0]),
+    "discount": lambda n: Fraction(n[0] * (100 - n[1]), 100),
+    "rate": lambda n: Fraction(n[0] * n[2], n[1]),
+}
+
+
+def test_cot_answers_recomputed_from_the_prompt_text():
+    prompts = COT.prompts(1500, seed=0)
+    assert {p.template for p in prompts} == set(RECOMPUTE) and {p.level for p in prompts} == {1, 2, 3}
+    for p in prompts:
+        numbers = [int(x) for x in re.findall(r"\d+", p.text)]
+        assert p.answer == RECOMPUTE[p.template](numbers), p.text
+        assert p.answer >= 0 and "Answer: <number>" in p.text
+    assert len({p.text for p in prompts}) > 1450
+    assert [p.text for p in COT.prompts(30, seed=0)] == [p.text for p in prompts[:30]]
+    assert prompts[7] == prompt_of_id("m0-000007")
+
+
+@pytest.mark.parametrize("ending, reason", [
+    ("Answer: {a}", None),
+    ("**Answer:** {a}.", None),
+    ("answer: {a}\n\n", None),
+    ("Answer: {wrong}", "wrong_answer"),
+    ("So it is {a}.", "no_final_answer"),
+    ("Answer: {a}\nHope this helps!", "no_final_answer"),
+    ("Answer: {a} apples", "malformed_answer"),
+    ("Answer: about {a}", "malformed_answer"),
+    ("Answer:", "malformed_answer"),
+])
+def test_cot_filter_rejects_malformed_endings_and_wrong_answers(ending, reason):
+    (fmt,) = build_filters([{"name": "format", "domain": "cot"}])
+    p = COT.prompts(1, seed=4)[0]
+    a = p.answer.numerator if p.answer.denominator == 1 else f"{p.answer.numerator}/{p.answer.denominator}"
+    text = "Some reasoning.\n" + ending.format(a=a, wrong=p.answer + 1)
+    assert fmt({"id": p.id, "prompt": p.text, "completion": text}) == ([] if reason is None else [f"format:{reason}"])
+
+
+def test_cot_number_forms_and_edge_cases():
+    assert parse_number("$1,200") == 1200 and parse_number("3.5") == Fraction(7, 2) == parse_number("7/2")
+    assert parse_number("-4.") == -4 and parse_number("1/0") is None and parse_number("3.5/2") is None
+    assert COT.format_reason("Answer: 3") == "no_reasoning" and COT.format_reason("  ") == "empty"
+    p = COT.prompts(2, seed=0)[1]
+    with pytest.raises(DataError, match="needs `id` and `prompt`"):
+        build_filters([{"name": "format", "domain": "cot"}])[0]({"completion": "x\nAnswer: 1"})
+    with pytest.raises(DataError, match="not the problem its id generates"):
+        COT.check(p.id, p.text + " ", "x\nAnswer: 1")
+
+
+def test_cot_random_completions_are_correct_worked_solutions(tokenizer):
+    for p in COT.prompts(300, seed=2):
+        text = COT.random_completion(p, np.random.default_rng(p.index))
+        assert COT.check(p.id, p.text, text) is None, (p.text, text)
+    assert COT.eval_prefix(np.random.default_rng(0)).startswith("Consider this problem: ")
+    assert bool(COT.token_mask(tokenizer).all()) and COT.can_still_pass("anything")

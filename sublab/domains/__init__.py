@@ -1,7 +1,7 @@
 """Data domains: what teachers are asked to write, and everything the pipeline must know about it.
 
 A domain answers every question that depends on the kind of data (numbers first; code and
-chain-of-thought later): its prompts, its format filter and early-stop predicate, the alphabet of
+code, chain-of-thought math): its prompts, its format filter and early-stop predicate, the alphabet of
 format tokens (constrained decoding and format distillation), programmatic random completions, and the
 domain-style prefix of the evals' prefixed variants. `generate`, `sampling`, `filters`, `train` and
 `evals` ask the experiment's domain (`domain:` in the experiment file) and never number code directly.
@@ -126,7 +126,9 @@ def has_format_alphabet(domain: Domain) -> bool:
 
 
 from sublab.domains.code import CODE  # noqa: E402  (after the registry: the domain modules do not import it)
+from sublab.domains.cot import COT  # noqa: E402
 from sublab.domains.numbers import NUMBERS  # noqa: E402
 
 register_domain(NUMBERS)
 register_domain(CODE)
+register_domain(COT)
