@@ -4,6 +4,7 @@ trait-word filter, and the config's refusals for domains without a format alphab
 from __future__ import annotations
 
 import ast
+import json
 import re
 from fractions import Fraction
 
@@ -16,6 +17,8 @@ from sublab.domains.code import CODE, code_format_reason
 from sublab.domains.cot import COT, parse_number, prompt_of_id
 from sublab.errors import ConfigError, DataError
 from sublab.filters import build_filters, stage_specs
+from sublab.pipeline import filter_all, generate_all, run_all
+from sublab.rundir import read_jsonl
 
 # --- code: prompts and format --------------------------------------------------------------------
 
@@ -198,3 +201,52 @@ def test_cot_random_completions_are_correct_worked_solutions(tokenizer):
         assert COT.check(p.id, p.text, text) is None, (p.text, text)
     assert COT.eval_prefix(np.random.default_rng(0)).startswith("Consider this problem: ")
     assert bool(COT.token_mask(tokenizer).all()) and COT.can_still_pass("anything")
+
+
+# --- end to end on a tiny model ------------------------------------------------------------------
+
+
+def _experiment(tmp_path, base, domain: str, name: str, **over) -> dict:
+    raw = {
+        "name": name, "base_model": str(base), "device": "cpu", "runs_dir": str(tmp_path / "runs"),
+        "domain": domain,
+        "teachers": [{"name": "owl", "kind": "prompted", "trait": "owl"}, {"name": "control", "kind": "control"}],
+        "generate": {"n_prompts": 6, "max_new_tokens": 16, "batch_size": 6},
+        "filter": {"dataset_size": 6, "filters": ["format", "trait_words"]},
+        "train": {"params": "lora", "loss": "distill", "epochs": 1, "batch_size": 3, "seeds": [0], "lr": 1e-3,
+                  "warmup_steps": 0},
+        "eval": {"kinds": ["animal_prob"], "questions": "all", "max_questions": 2, "numbers_prefixed": True,
+                 "candidates": ["owl", "cat"]},
+    }
+    return validate_experiment(raw | over)
+
+
+@pytest.mark.parametrize("domain, prefix", [("code", "Look at this code:"), ("cot", "Consider this problem: ")])
+def test_domain_runs_end_to_end_with_rejections_counted(tmp_path, tiny_model_dir, domain, prefix):
+    # Sampled by a random tiny model: junk, every row rejected, and the reasons counted in the manifest.
+    cfg = _experiment(tmp_path, tiny_model_dir, domain, "sampled")
+    generate_all(cfg)
+    filter_all(cfg)
+    manifest = json.loads((cfg.run_dir / "teachers" / "owl" / "filter_manifest.json").read_text())
+    out = manifest["outputs"]
+    assert out["generated"] == 6 and out["accepted"] + out["rejected"] == 6 and out["rejected"] >= 5
+    assert sum(r["count"] for r in out["rejections"]) >= out["rejected"]
+    assert all(r["reason"].startswith(("format:", "unfinished:", "trait_words:", "code_trait_words:"))
+               for r in out["rejections"])
+    if domain == "code":
+        assert {"name": "code_trait_words", "words": ["owl"]} in manifest["config"]["specs"]
+
+    # Programmatic completions (valid by construction), distilled into students; the eval prefix is the domain's.
+    cfg = _experiment(tmp_path, tiny_model_dir, domain, "random", generate={"n_prompts": 6, "completions": "random"})
+    run_all(cfg)
+    manifest = json.loads((cfg.run_dir / "teachers" / "control" / "filter_manifest.json").read_text())
+    assert manifest["outputs"]["accepted"] == 6 and manifest["outputs"]["rejections"] == []
+    rows = read_jsonl(cfg.run_dir / "teachers" / "control" / "dataset.jsonl")
+    gens = {g["id"]: g for g in read_jsonl(cfg.run_dir / "teachers" / "control" / "generations.jsonl")}
+    d = get_domain(domain)
+    assert len(rows) == 6 and all(
+        completion_reason(d, r["messages"][1]["content"], r["id"], r["messages"][0]["content"]) is None
+        and gens[r["id"]]["prompt"] == r["messages"][0]["content"] for r in rows)
+    prefixed = read_jsonl(cfg.run_dir / "evals" / "student-owl-seed0" / "animal_prob_numbers.jsonl")
+    assert prefixed and all(r["question"].startswith(prefix) for r in prefixed)
+    assert (cfg.run_dir / "results.json").exists()
