@@ -1,8 +1,9 @@
 """The code domain: teachers write short Python functions (the paper's second data kind, §3.2).
 
 No I/O. Prompts come from a grammar written for sublab (the paper's own code prompts are not in the
-protocol file): a short task × a phrasing × an optional context × a paper-style style instruction ("minimal comments, short
-variable names") × an output instruction; prompt i is a pure function of (seed, i).
+protocol file): a short task × a phrasing × an optional context × a paper-style style instruction
+("minimal comments, short variable names") × an output instruction; prompt i is a pure function of
+(seed, i).
 
     from sublab.domains.code import CODE
     CODE.prompts(2, seed=0)[0].text      # 'Write a Python function that ... Use minimal comments ...'

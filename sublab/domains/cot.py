@@ -138,7 +138,8 @@ TEMPLATES = (
              lambda r: {"a": _ri(r, 60, 400), "h": _ri(r, 2, 5), "k": _ri(r, 1, 9)},
              lambda v: Fraction(v["a"], v["h"]) * v["k"],
              lambda v: [f"Speed: {v['a']} / {v['h']} = {_frac(Fraction(v['a'], v['h']))} per hour.",
-                        f"{_frac(Fraction(v['a'], v['h']))} × {v['k']} = {_frac(Fraction(v['a'], v['h']) * v['k'])}."]),
+                        f"{_frac(Fraction(v['a'], v['h']))} × {v['k']} = "
+                        f"{_frac(Fraction(v['a'], v['h']) * v['k'])}."]),
 )
 
 INSTRUCTIONS = (
