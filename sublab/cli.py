@@ -261,8 +261,13 @@ def serve_(model: Annotated[list[str] | None, typer.Option(
            port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
            device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
            api_key_env: Annotated[str | None, typer.Option(
-               help="Require the key held in this environment variable as a bearer token.")] = None) -> None:
-    """An OpenAI-compatible server over local models: /v1/models, /v1/chat/completions."""
+               help="Require the key held in this environment variable as a bearer token.")] = None,
+           state_dir: Annotated[Path | None, typer.Option(
+               help="Where uploaded files, fine-tuning jobs and their students live (default "
+                    "$SUBLAB_HOME/serve).")] = None) -> None:
+    """An OpenAI-compatible server over local models: /v1/models, /v1/chat/completions, /v1/files,
+    /v1/fine_tuning/jobs."""
+    from sublab.models import sublab_home
     from sublab.serve import parse_model_specs, serve
 
     key = None
@@ -270,7 +275,8 @@ def serve_(model: Annotated[list[str] | None, typer.Option(
         key = os.environ.get(api_key_env)
         if not key:
             raise SublabError(f"--api-key-env: the environment variable {api_key_env} is not set")
-    serve(parse_model_specs(model or []), host=host, port=port, device=device, api_key=key)
+    serve(parse_model_specs(model or []), host=host, port=port, device=device, api_key=key,
+          state_dir=state_dir or sublab_home() / "serve")
 
 
 def _register_optional_commands() -> None:

@@ -1,8 +1,12 @@
 """`sublab serve`: an OpenAI-compatible HTTP server over local models (FastAPI + uvicorn).
 
-Reads model references (`sublab.models`); writes nothing to disk. Serves
+Reads model references (`sublab.models`); writes uploads, fine-tuning jobs and their students to its
+state directory (`sublab.serve_jobs`). Serves
     GET  /v1/models                 the served models (an id is the name given, else the reference)
     POST /v1/chat/completions       n, temperature, top_p, max_tokens, seed, logprobs / top_logprobs
+    POST /v1/files, GET /v1/files/{id}                        training files (purpose fine-tune)
+    POST /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs[/{id}[/events]], POST .../{id}/cancel
+                                    jobs run by sublab's trainer; a succeeded job's model is served
     GET  /sublab/requests           every request this server answered (method, path, body sha256,
                                     status): what tests count to prove that nothing was asked twice
 
@@ -31,6 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -39,6 +44,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sublab import chat
+from sublab.config import TrainConfig
 from sublab.errors import ConfigError, SublabError
 from sublab.models import DEFAULT_MODEL, LoadedModel, check_reference, load_model
 from sublab.sampling import Sampling, decode_batch, row_generator, token_pieces
@@ -215,9 +221,12 @@ def token_logprobs(lm: LoadedModel, prompt: list[int], ids: list[int], top: int)
 
 # --- the app ------------------------------------------------------------------------------------------
 
-def create_app(refs: dict[str, str], *, device: str = "cpu", api_key: str | None = None) -> FastAPI:
+def create_app(refs: dict[str, str], *, device: str = "cpu", api_key: str | None = None,
+               state_dir: Path | None = None, recipe: TrainConfig | None = None) -> FastAPI:
     """The FastAPI app serving `refs` ({id: reference}). `api_key`: when given, every /v1 request must
-    carry it as a bearer token. `app.state.requests` lists every request answered (no headers kept)."""
+    carry it as a bearer token. `state_dir`: where files and fine-tuning jobs live (None: those routes
+    answer 400); `recipe`: the jobs' training recipe (default `TrainConfig()`, LoRA). `app.state.requests`
+    lists every request answered (no headers kept)."""
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
@@ -265,11 +274,71 @@ def create_app(refs: dict[str, str], *, device: str = "cpu", api_key: str | None
 
         return JSONResponse(await run_in_threadpool(work))
 
+    add_job_routes(app, pool, state_dir, recipe)
+
     @app.get("/sublab/requests")
     def requests_log() -> dict[str, Any]:
         return {"data": list(app.state.requests)}
 
     return app
+
+
+def add_job_routes(app: FastAPI, pool: ModelPool, state_dir: Path | None, recipe: TrainConfig | None) -> None:
+    """/v1/files and /v1/fine_tuning/jobs over `sublab.serve_jobs`' stores in `state_dir`."""
+    from sublab.serve_jobs import FileStore, JobStore, parse_multipart
+
+    files = jobs = None
+    if state_dir is not None:
+        files = FileStore(Path(state_dir))
+        jobs = JobStore(Path(state_dir), pool, files, recipe)
+    app.state.jobs = jobs
+
+    def stores() -> tuple[FileStore, JobStore]:
+        if files is None or jobs is None:
+            raise ApiError(400, "This server was started without a state directory; files and fine-tuning "
+                           "jobs are off.", code="unsupported_endpoint")
+        return files, jobs
+
+    @app.post("/v1/files")
+    async def upload(request: Request) -> dict[str, Any]:
+        fields = parse_multipart(request.headers.get("content-type", ""), await request.body())
+        if "file" not in fields:
+            raise ApiError(400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+        filename, data = fields["file"]
+        purpose = fields.get("purpose", (None, b""))[1].decode("utf-8", "replace")
+        return stores()[0].create(data, filename or "upload.jsonl", purpose)
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str) -> dict[str, Any]:
+        return stores()[0].get(file_id)
+
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "We could not parse the JSON body of your request.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        return stores()[1].create(body)
+
+    @app.get("/v1/fine_tuning/jobs")
+    def list_jobs(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        store = stores()[1]
+        return store.page([dict(j.obj) for j in store.jobs.values()], after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return dict(stores()[1].get(job_id).obj)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    def job_events(job_id: str, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        store = stores()[1]
+        return store.page(list(store.get(job_id).events), after, limit)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        return stores()[1].cancel(job_id)
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -284,11 +353,11 @@ def _record(app: Any, request: Any, body: bytes, status: int) -> None:
 
 
 def serve(refs: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          api_key: str | None = None, preload: bool = True) -> None:
+          api_key: str | None = None, preload: bool = True, state_dir: Path | None = None) -> None:
     """Run the server until interrupted; `preload` loads every model first, so a bad one fails at once."""
     import uvicorn
 
-    app = create_app(refs, device=device, api_key=api_key)
+    app = create_app(refs, device=device, api_key=api_key, state_dir=state_dir)
     if preload:
         for model_id in refs:
             try:

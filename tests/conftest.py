@@ -100,7 +100,7 @@ def tiny_number_model_dir(tokenizer, tmp_path_factory) -> Path:
 class LocalServer:
     """`sublab serve` in a thread of the test process, on a free 127.0.0.1 port."""
 
-    def __init__(self, refs: dict[str, str], api_key: str | None = None, app=None):
+    def __init__(self, refs: dict[str, str], api_key: str | None = None, app=None, state_dir=None, recipe=None):
         import socket
         import threading
 
@@ -108,7 +108,8 @@ class LocalServer:
 
         from sublab.serve import create_app
 
-        self.app = app if app is not None else create_app(refs, api_key=api_key)
+        self.app = app if app is not None else create_app(refs, api_key=api_key, state_dir=state_dir,
+                                                          recipe=recipe)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

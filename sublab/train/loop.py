@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,7 +327,8 @@ def same_tokenizer(a: Any, b: Any) -> bool:
 
 def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Path, seed: int,
                   teacher: LiveTeacher | None = None, device: str = "cpu",
-                  progress: bool = True, domain: str = "numbers") -> dict[str, Any]:
+                  progress: bool = True, domain: str = "numbers",
+                  on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train one student and return its manifest; a finished identical run is skipped, a killed one
     resumes from out_dir/checkpoint.
 
@@ -339,6 +341,8 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
         teacher: for `loss: distill`, run live in its own context (unused by SFT).
         device: 'cpu', 'cuda' or 'auto'.
         domain: the data domain whose format tokens `distill.vocabulary: format` keeps.
+        on_step: called after each optimizer step with its loss row and `total_steps` (`sublab serve`'s
+            job events); an exception it raises stops training, leaving the last checkpoint to resume.
     """
     dataset, out_dir, device = Path(dataset), Path(out_dir), resolve_device(device)
     if cfg.distills and (teacher is None or teacher.model_ref is None):
@@ -381,6 +385,8 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
             _log_step(losses, history[-1])
             bar.update()
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{state['tokens'] / state['elapsed']:.0f}")
+            if on_step is not None:
+                on_step({**history[-1], "total_steps": run.total_steps})
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.total_steps:
                 save_checkpoint(out_dir, run.student.model, run.opt, state, history)
     bar.close()
