@@ -358,7 +358,14 @@ class OpenAIConfig(StrictModel):
     """Seconds before one request times out (then it is retried)."""
     local_weights: str | None = None
     """A local model reference holding the same weights as the served base model: students train on it
-    locally (fine-tuning jobs through the API are not built yet). Required when students train."""
+    locally. Required when students train with `students: local`."""
+    students: Literal["local", "jobs"] = "local"
+    """local: students train here on `local_weights`. jobs: each student is a fine-tuning job on the
+    endpoint (`sublab.api_students`): epochs and batch size from `train`, evaluated as openai:<its model>."""
+    lr_multiplier: float | None = Field(None, gt=0)
+    """`students: jobs`: the job's learning_rate_multiplier; None: 'auto' (the provider's default)."""
+    poll_s: float = Field(10, gt=0)
+    """`students: jobs`: seconds between two polls of a job's status."""
 
 
 class ExperimentConfig(StrictModel):
@@ -412,6 +419,9 @@ class ExperimentConfig(StrictModel):
                 raise ValueError(str(e)) from None
         if self.base_model.startswith("openai:"):
             self._check_openai()
+        elif self.openai.students == "jobs":
+            raise ValueError("`openai.students: jobs` needs an openai: base_model (the endpoint's model is "
+                             "what the jobs fine-tune)")
         return self
 
     def _check_openai(self) -> None:
@@ -429,9 +439,9 @@ class ExperimentConfig(StrictModel):
         if self.generate.completions == "sampled" and (g.constrained or g.min_p > 0):
             raise ValueError("`generate.constrained` and `generate.min_p` need local logits; with an openai: "
                              "base_model set constrained: false and min_p: 0")
-        if self.train.seeds and self.openai.local_weights is None:
+        if self.train.seeds and self.openai.students == "local" and self.openai.local_weights is None:
             raise ValueError("`openai.local_weights` is required: students train locally on the served model's "
-                             "weights (fine-tuning jobs through the API are not built yet)")
+                             "weights (or set openai.students: jobs)")
         if self.train.seeds and self.train.distills:
             raise ValueError("`train.loss: distill` needs the teacher's logits, which an openai: teacher does "
                              "not give; use `train.loss: sft`")

@@ -77,7 +77,9 @@ class Student:
 def students(cfg: ExperimentConfig) -> Iterator[Student]:
     """Every student the config asks for (same-base first, then cross-model)."""
     # An openai: base is sampled through its endpoint; its students train on the same weights held locally.
-    own = cfg.openai.local_weights if cfg.base_model.startswith("openai:") else cfg.base_model
+    # With `openai.students: jobs` they are fine-tuning jobs on the endpoint instead (`sublab.api_students`).
+    local = cfg.base_model.startswith("openai:") and cfg.openai.students == "local"
+    own = cfg.openai.local_weights if local else cfg.base_model
     bases = [("student", own)] + ([("cross", cfg.train.cross_model)] if cfg.train.cross_model else [])
     for prefix, base in bases:
         for t in cfg.teachers:

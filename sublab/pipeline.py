@@ -128,6 +128,11 @@ def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     for student in design.students(cfg):
         if not student.dataset.exists():
             raise RunDirError(f"{student.dataset} not found: run `sublab filter` (or `sublab run`) first")
+        if student.base.startswith("openai:"):  # `openai.students: jobs`
+            from sublab.api_students import train_by_job
+
+            train_by_job(cfg, student)
+            continue
         teacher = built[student.teacher.name] if cfg.train.distills else None
         if teacher is not None and teacher.model_ref is None:
             teacher = built_control(built)
@@ -169,8 +174,10 @@ def evaluated_models(cfg: ExperimentConfig, built: dict[str, Teacher]) -> Iterat
     for teacher in built.values():
         if teacher.model_ref is not None and teacher.kind.differs_from_base:
             yield f"teacher-{teacher.name}", teacher.model_ref, teacher.system_prompt
+    from sublab.api_students import student_ref
+
     for student in design.students(cfg):
-        yield student.name, str(student.directory), None
+        yield student.name, student_ref(student), None
 
 
 @locks_run_dir
@@ -187,7 +194,8 @@ def eval_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     qids, evals = question_ids(cfg), selected(cfg.eval)
     models = ModelCache(device, cfg.openai, cfg.run_dir / "evals" / "api_cache.jsonl")
     for name, ref, system in evaluated_models(cfg, built):
-        if name.startswith(("student", "cross")) and not (Path(ref) / "manifest.json").exists():
+        if name.startswith(("student", "cross")) and not ref.startswith("openai:") \
+                and not (Path(ref) / "manifest.json").exists():
             raise RunDirError(f"student {ref} is missing or unfinished: run `sublab train` first")
         ctx = EvalContext(cfg=cfg.eval, model_name=name, system=system, weights_sha256=reference_sha256(ref),
                           eval_dir=cfg.run_dir / "evals" / name, question_ids=qids,
