@@ -48,6 +48,7 @@ from sublab.config import TrainConfig
 from sublab.errors import ConfigError, SublabError
 from sublab.models import DEFAULT_MODEL, LoadedModel, check_reference, load_model
 from sublab.sampling import Sampling, decode_batch, row_generator, token_pieces
+from sublab.serve_jobs import ApiError, FileStore, JobStore, parse_multipart
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,6 @@ UNSUPPORTED = ("stream", "stop", "tools", "tool_choice", "functions", "response_
 
 
 # --- requests and errors ---------------------------------------------------------------------------
-
-class ApiError(Exception):
-    """A request the server refuses, rendered as the OpenAI API's error body."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -285,7 +274,6 @@ def create_app(refs: dict[str, str], *, device: str = "cpu", api_key: str | None
 
 def add_job_routes(app: FastAPI, pool: ModelPool, state_dir: Path | None, recipe: TrainConfig | None) -> None:
     """/v1/files and /v1/fine_tuning/jobs over `sublab.serve_jobs`' stores in `state_dir`."""
-    from sublab.serve_jobs import FileStore, JobStore, parse_multipart
 
     files = jobs = None
     if state_dir is not None:

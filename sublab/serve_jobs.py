@@ -48,10 +48,17 @@ class JobCancelled(Exception):
     """Raised from the trainer's step hook when the job was cancelled while running."""
 
 
-def _api_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Exception:
-    from sublab.serve import ApiError  # serve imports this module; the error class lives there
+class ApiError(Exception):
+    """A request the server refuses, rendered as the OpenAI API's error body."""
 
-    return ApiError(status, message, param=param, code=code)
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
 
 
 # --- multipart uploads ------------------------------------------------------------------------------
@@ -60,7 +67,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
     """A multipart/form-data body → {field: (filename, bytes)} (the standard library's MIME parser; sublab
     serve does not depend on python-multipart)."""
     if not content_type.startswith("multipart/form-data"):
-        raise _api_error(400, "Uploads must be multipart/form-data with 'file' and 'purpose' fields.",
+        raise ApiError(400, "Uploads must be multipart/form-data with 'file' and 'purpose' fields.",
                          param="file", code="invalid_value")
     msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
     fields: dict[str, tuple[str | None, bytes]] = {}
@@ -86,10 +93,10 @@ class FileStore:
     def create(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
         """Store an upload and return its file object (an existing one for the same bytes and purpose)."""
         if purpose != "fine-tune":
-            raise _api_error(400, f"Invalid purpose '{purpose}': sublab serve accepts 'fine-tune' only.",
+            raise ApiError(400, f"Invalid purpose '{purpose}': sublab serve accepts 'fine-tune' only.",
                              param="purpose", code="invalid_value")
         if not data:
-            raise _api_error(400, "The uploaded file is empty.", param="file", code="invalid_value")
+            raise ApiError(400, "The uploaded file is empty.", param="file", code="invalid_value")
         sha = hashlib.sha256(data).hexdigest()
         with self.lock:
             for obj in self.objects.values():
@@ -106,7 +113,7 @@ class FileStore:
 
     def get(self, file_id: str) -> dict[str, Any]:
         if file_id not in self.objects:
-            raise _api_error(404, f"No such File object: {file_id}", param="id", code="file_not_found")
+            raise ApiError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
         return public_file(self.objects[file_id])
 
     def path(self, file_id: str) -> Path:
@@ -130,14 +137,14 @@ def parse_hyperparameters(body: dict[str, Any]) -> dict[str, Any]:
     """The request's hyperparameters (top-level, or under `method.supervised`), checked; "auto" kept."""
     method = body.get("method") or {}
     if method and method.get("type", "supervised") != "supervised":
-        raise _api_error(400, f"method.type '{method.get('type')}' is not supported by sublab serve; use "
+        raise ApiError(400, f"method.type '{method.get('type')}' is not supported by sublab serve; use "
                          "'supervised'.", param="method.type", code="unsupported_parameter")
     hp = dict(body.get("hyperparameters") or (method.get("supervised") or {}).get("hyperparameters") or {})
     limits = {"n_epochs": (int, 1, MAX_EPOCHS), "batch_size": (int, 1, MAX_BATCH),
               "learning_rate_multiplier": (float, 1e-6, 100.0)}
     unknown = sorted(set(hp) - set(limits))
     if unknown:
-        raise _api_error(400, f"Unknown hyperparameter '{unknown[0]}'.", param=f"hyperparameters.{unknown[0]}",
+        raise ApiError(400, f"Unknown hyperparameter '{unknown[0]}'.", param=f"hyperparameters.{unknown[0]}",
                          code="invalid_value")
     out: dict[str, Any] = {}
     for name, (kind, lo, hi) in limits.items():
@@ -145,7 +152,7 @@ def parse_hyperparameters(body: dict[str, Any]) -> dict[str, Any]:
         ok = value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                  and (kind is float or float(value).is_integer()) and lo <= value <= hi)
         if not ok:
-            raise _api_error(400, f"Invalid value for 'hyperparameters.{name}': expected 'auto' or a number in "
+            raise ApiError(400, f"Invalid value for 'hyperparameters.{name}': expected 'auto' or a number in "
                              f"[{lo}, {hi}].", param=f"hyperparameters.{name}", code="invalid_value")
         out[name] = value if value == "auto" else kind(value)
     return out
@@ -196,28 +203,28 @@ class JobStore:
         """Check a job request, store the job as queued and hand it to the worker."""
         model, training_file = body.get("model"), body.get("training_file")
         if not isinstance(model, str) or not model:
-            raise _api_error(400, "Missing required parameter: 'model'.", param="model",
+            raise ApiError(400, "Missing required parameter: 'model'.", param="model",
                              code="missing_required_parameter")
         if not isinstance(training_file, str) or not training_file:
-            raise _api_error(400, "Missing required parameter: 'training_file'.", param="training_file",
+            raise ApiError(400, "Missing required parameter: 'training_file'.", param="training_file",
                              code="missing_required_parameter")
         self.pool.check(model)
         if model.startswith("ft:"):
-            raise _api_error(400, f"Fine-tuning a fine-tuned model ({model}) is not supported by sublab serve.",
+            raise ApiError(400, f"Fine-tuning a fine-tuned model ({model}) is not supported by sublab serve.",
                              param="model", code="invalid_value")
         if training_file not in self.files.objects:
-            raise _api_error(400, f"Invalid file ID '{training_file}': no such file.", param="training_file",
+            raise ApiError(400, f"Invalid file ID '{training_file}': no such file.", param="training_file",
                              code="invalid_value")
         self._check_rows(training_file)
         if body.get("validation_file"):
-            raise _api_error(400, "'validation_file' is not supported by sublab serve.", param="validation_file",
+            raise ApiError(400, "'validation_file' is not supported by sublab serve.", param="validation_file",
                              code="unsupported_parameter")
         suffix, seed = body.get("suffix"), body.get("seed")
         if suffix is not None and not (isinstance(suffix, str) and SUFFIX.fullmatch(suffix)):
-            raise _api_error(400, "'suffix' must be 1-40 letters, digits, '-' or '_'.", param="suffix",
+            raise ApiError(400, "'suffix' must be 1-40 letters, digits, '-' or '_'.", param="suffix",
                              code="invalid_value")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
-            raise _api_error(400, "'seed' must be an integer in [0, 2^31).", param="seed", code="invalid_value")
+            raise ApiError(400, "'seed' must be an integer in [0, 2^31).", param="seed", code="invalid_value")
         job_id = f"ftjob-{secrets.token_hex(12)}"
         obj = {"id": job_id, "object": "fine_tuning.job", "model": model, "created_at": int(time.time()),
                "finished_at": None, "fine_tuned_model": None, "organization_id": "sublab", "result_files": [],
@@ -240,13 +247,13 @@ class JobStore:
         try:
             load_dataset(self.files.path(file_id))
         except SublabError as e:
-            raise _api_error(400, f"The training file {file_id} is not valid: {e}", param="training_file",
+            raise ApiError(400, f"The training file {file_id} is not valid: {e}", param="training_file",
                              code="invalid_training_file") from None
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise _api_error(404, f"Could not find fine-tune: {job_id}", param="fine_tune_id",
+            raise ApiError(404, f"Could not find fine-tune: {job_id}", param="fine_tune_id",
                              code="fine_tune_not_found")
         return job
 
@@ -255,7 +262,7 @@ class JobStore:
         job = self.get(job_id)
         with self.lock:
             if job.obj["status"] in TERMINAL:
-                raise _api_error(400, f"Job {job_id} has already {job.obj['status']}; it cannot be cancelled.",
+                raise ApiError(400, f"Job {job_id} has already {job.obj['status']}; it cannot be cancelled.",
                                  param="fine_tune_id", code="invalid_state")
             job.cancel.set()
             if job.obj["status"] == "queued":
