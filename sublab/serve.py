@@ -274,7 +274,6 @@ def create_app(refs: dict[str, str], *, device: str = "cpu", api_key: str | None
 
 def add_job_routes(app: FastAPI, pool: ModelPool, state_dir: Path | None, recipe: TrainConfig | None) -> None:
     """/v1/files and /v1/fine_tuning/jobs over `sublab.serve_jobs`' stores in `state_dir`."""
-
     files = jobs = None
     if state_dir is not None:
         files = FileStore(Path(state_dir))
