@@ -34,8 +34,9 @@ def row_from_score(name: str, role: str, score: Any) -> dict[str, Any]:
     return _row_model(name, role, score).model_dump()  # type: ignore[arg-type]
 
 
-class _Scores:
-    """Reads each eval file once: per (model, variant, target), the per-question values."""
+class EvalScores:
+    """Reads each eval file once: per (model, variant, target), the per-question values. `path` says
+    where a model's eval file lies (a subclass may look elsewhere: `sublab.grid.pool`)."""
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -60,7 +61,7 @@ class _Scores:
         return group_score(matrix, seed=self.cfg.eval.seed)
 
 
-def eval_entry(cfg: ExperimentConfig, scores: _Scores, arm: Arm, kind: EvalKind, variant: str) -> dict[str, Any]:
+def eval_entry(cfg: ExperimentConfig, scores: EvalScores, arm: Arm, kind: EvalKind, variant: str) -> dict[str, Any]:
     """One trait × metric: rows for base, teacher, control and trait students, and the comparison."""
     target, seed = arm.trait, cfg.eval.seed
     rows = [row_from_score("base", "base", score_by_question(scores.values(kind, "base", variant, target), seed=seed))]
@@ -110,7 +111,7 @@ def _compare(arm: Arm, treated: list[float], controls: list[list[float]], seed: 
                        for k, (t, c) in zip(seeds or [], per_seed)]}
 
 
-def specificity(cfg: ExperimentConfig, scores: _Scores, arm: Arm, kind: EvalKind, variant: str
+def specificity(cfg: ExperimentConfig, scores: EvalScores, arm: Arm, kind: EvalKind, variant: str
                 ) -> list[dict[str, Any]]:
     """Treatment vs control mean for every target the metric scores (difference and ratio), largest ratio
     first: a transfer is specific when the trait's own target rises the most. The ratio is the fair
@@ -141,7 +142,7 @@ def _specificity_note(arm: Arm, variant: str, spec: list[dict[str, Any]]) -> str
             f"{len(spec)} candidates by ratio ({rank_diff} by difference); largest ratios: {top}")
 
 
-def student_table(cfg: ExperimentConfig, scores: _Scores) -> list[dict[str, Any]]:
+def student_table(cfg: ExperimentConfig, scores: EvalScores) -> list[dict[str, Any]]:
     """Every student's mean over questions on every metric and trait."""
     out = []
     for s in design.students(cfg):
@@ -157,8 +158,10 @@ def student_table(cfg: ExperimentConfig, scores: _Scores) -> list[dict[str, Any]
     return out
 
 
-def results_for(cfg: ExperimentConfig) -> dict[str, Any]:
-    scores = _Scores(cfg)
+def results_for(cfg: ExperimentConfig, scores: EvalScores | None = None) -> dict[str, Any]:
+    """The results of `cfg`'s design from its eval files (`scores` says where they lie; default: the run
+    directory's `evals/`)."""
+    scores = scores or EvalScores(cfg)
     entries, notes = [], []
     for arm in design.arms(cfg):
         for kind, variant in selected(cfg.eval):

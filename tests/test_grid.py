@@ -312,3 +312,57 @@ def test_worker_killed_mid_cell_is_retried_to_the_same_results(finished_grid, tm
         assert _comparable(mine.cfg.run_dir / "results.json") == _comparable(theirs.cfg.run_dir / "results.json")
     rows = json.loads((grid.directory / "grid_results.json").read_text())["rows"]
     assert rows == json.loads((reference.directory / "grid_results.json").read_text())["rows"]
+
+
+# --- pooled seed cells (no Ray: the cells run in this process) -----------------------------------------
+
+def _mutual(tmp_path: Path, model: Path) -> dict:
+    """The study's design at toy scale: two trait teachers, each the other's control, blocked by seed."""
+    base = _base(tmp_path, model)
+    base["design"] = "mutual"
+    base["teachers"][1].pop("control")
+    return base
+
+
+def test_pooled_seed_cells_equal_one_run_of_all_seeds(tmp_path, tiny_model_dir, monkeypatch):
+    """A study split into one cell per seed (`pool: [seeds]`) gives, pooled, the results of one `sublab run`
+    of every seed: same students' scores, same within-block comparison, blocks and specificity."""
+    from sublab.grid import write_grid_results
+    from sublab.pipeline import run_all
+    from sublab.report import load_results
+
+    monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "base.yaml").write_text(yaml.safe_dump(_mutual(tmp_path, tiny_model_dir)))
+    whole = load_experiment(tmp_path / "exp" / "base.yaml")
+    run_all(whole)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"name": "g", "experiment": "exp/base.yaml", "pool": ["seeds"],
+                                         "axes": {"seeds": {"s0": {"train.seeds": [0]},
+                                                            "s1": {"train.seeds": [1]}}}}))
+    grid = load_grid(grid_file)
+    write_cells(grid)
+    for cell in grid.cells:
+        run_all(load_experiment(cell.path))
+    write_grid_results(grid)
+    pooled = load_results(grid.directory / "pooled" / "all" / "results.json")
+    single = load_results(whole.run_dir / "results.json")
+    assert pooled.students == single.students
+    assert [e.model_dump(exclude={"rows"}) for e in pooled.evals] == [e.model_dump(exclude={"rows"})
+                                                                      for e in single.evals]
+    assert (grid.directory / "pooled" / "all" / "report.md").is_file()
+    rows = json.loads((grid.directory / "grid_results.json").read_text())["rows"]
+    pooled_rows = [r for r in rows if r["cell"] == "pooled/all"]
+    assert {r["trait"] for r in pooled_rows} == {"owl", "dolphin"}
+    assert all(r["n_treatment"] == 2 and r["axes"] == {"seeds": "pooled"} for r in pooled_rows)
+    assert all(r["report"] == "pooled/all/report.md" for r in pooled_rows)
+
+
+def test_a_pooled_axis_may_only_split_seeds(tmp_path, tiny_model_dir):
+    cases = [({"seeds": {"a": {"train.seeds": [0]}}}, ["nope"], "pool: nope: no such axis"),
+             ({"train.lr": [1e-2, 3e-3]}, ["train.lr"], "may set only train.seeds"),
+             ({"seeds": {"a": {"train.seeds": [0, 1]}, "b": {"train.seeds": [1]}}}, ["seeds"], "share seeds")]
+    for axes, pool, expected in cases:
+        with pytest.raises(ConfigError, match=expected) as err:
+            load_grid(_grid(tmp_path, tiny_model_dir, axes, pool=pool))
+        assert "\n" not in str(err.value) and "grid.yaml" in str(err.value)

@@ -13,6 +13,7 @@ complete experiment file whose `runs_dir` is the grid's directory, so its run di
         shared: {}
         other: {train.lora_init_seed: null, train.lora_init_seed_offset: 1000}
     resources: {num_cpus: 1}          # per cell (Ray); num_gpus defaults to 1 when the cell runs on CUDA
+    pool: [seeds]                     # axes whose cells are seed blocks of one study (sublab.grid.pool)
 
 The cells are the product of the axes, first axis outermost. Every cell is validated before anything
 runs; a bad axis is a one-line ConfigError naming the grid file and the axis.
@@ -39,7 +40,9 @@ from sublab.rundir import atomic_write_text
 
 CELLS_DIR = "cells"
 """Cell experiment files live in <grid dir>/cells/; no cell may take this name."""
-RESERVED = {CELLS_DIR, "logs"}
+POOLED_DIR = "pooled"
+"""Pooled groups' results live in <grid dir>/pooled/<group>/ (`sublab.grid.pool`)."""
+RESERVED = {CELLS_DIR, "logs", POOLED_DIR}
 
 
 class GridResources(StrictModel):
@@ -68,6 +71,9 @@ class GridFile(StrictModel):
     resources: GridResources = GridResources()
     max_retries: int = Field(2, ge=0)
     """Times Ray reruns a cell whose worker died (the pipeline resumes where it stopped)."""
+    pool: list[str] = []
+    """Axes that only split `train.seeds`: their cells are seed blocks of one study, and the grid's results
+    also pool them into that study's comparison (`sublab.grid.pool`)."""
 
     @field_validator("name")
     @classmethod
@@ -146,7 +152,25 @@ def load_grid(path: str | Path) -> Grid:
             raise
         check_runnable(cfg, source=f"{path}: cell {name}")
         grid.cells.append(Cell(name, values, grid.directory / CELLS_DIR / f"{name}.yaml", cell_raw, cfg))
+    _check_pool(grid)
     return grid
+
+
+def _check_pool(grid: Grid) -> None:
+    """Each pooled axis must exist and set nothing but `train.seeds`, and the seeds it sets must not
+    overlap: then its cells are disjoint seed blocks of one study."""
+    names = {a.name: a for a in grid.axes}
+    for name in grid.spec.pool:
+        where = f"{grid.path}: pool: {name}"
+        if name not in names:
+            raise ConfigError(f"{where}: no such axis; axes: {', '.join(names)}")
+        for label, settings in zip(names[name].labels, names[name].settings):
+            if set(settings) != {"train.seeds"}:
+                raise ConfigError(f"{where}: value {label} sets {', '.join(settings) or 'nothing'}; a pooled "
+                                  "axis may set only train.seeds (its cells must differ in seeds alone)")
+        seeds = [s for settings in names[name].settings for s in settings["train.seeds"]]
+        if len(seeds) != len(set(seeds)):
+            raise ConfigError(f"{where}: its values share seeds ({seeds}); each seed must be in one cell only")
 
 
 def _blame_axis(grid: Grid, base: dict[str, Any], axes: list[Axis], combo: tuple[int, ...]) -> None:

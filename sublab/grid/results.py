@@ -3,7 +3,8 @@
 
 One row per cell × trait × metric: the cell's axis values, treatment and control means, their difference
 with its CI, the test's p, the treatment / control ratio and the trait's rank among every candidate by
-that ratio (when the metric scores several), and the cell's own report.
+that ratio (when the metric scores several), and the cell's own report. With `pool:`, also one row per
+pooled group (its cells' students as one study; `sublab.grid.pool` writes its results and report).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sublab.grid.cells import Grid
+from sublab.grid.cells import POOLED_DIR, Grid
+from sublab.grid.pool import pool_groups, write_pooled
 from sublab.report import fmt_num, load_results, md_cell
 from sublab.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -21,28 +23,39 @@ SCHEMA_VERSION = 1
 
 
 def grid_rows(grid: Grid) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of every cell that has results, and the names of the cells that have none yet."""
+    """Rows of every cell that has results, then of every pooled group whose cells all have them (writing
+    its results), and the names of the cells that have none yet."""
     rows, missing = [], []
     for cell in grid.cells:
         path = cell.cfg.run_dir / "results.json"
-        if not path.is_file():
+        if path.is_file():
+            rows += _rows(grid, cell.name, cell.values, path)
+        else:
             missing.append(cell.name)
-            continue
-        for ev in load_results(path).evals:
-            c = ev.comparison
-            spec = [s.candidate for s in ev.specificity]
-            rows.append({
-                "cell": cell.name, "axes": cell.values, "trait": ev.trait, "metric": ev.metric,
-                "treatment": c.treatment_mean if c else None, "control": c.control_mean if c else None,
-                "diff": c.diff if c else None, "ci_low": c.ci_low if c else None, "ci_high": c.ci_high if c else None,
-                "p_value": c.p_value if c else None, "test": c.test if c else None,
-                "n_treatment": c.n_treatment if c else None, "n_control": c.n_control if c else None,
-                "ratio": c.treatment_mean / c.control_mean if c and c.control_mean > 0 else None,
-                "rank": spec.index(ev.trait) + 1 if ev.trait in spec else None,
-                "candidates": len(spec) or None,
-                "report": (cell.cfg.run_dir / "report.md").relative_to(grid.directory).as_posix(),
-            })
+    for group in pool_groups(grid):
+        if (path := write_pooled(grid, group)) is not None:
+            rows += _rows(grid, f"{POOLED_DIR}/{group.name}", group.values, path)
     return rows, missing
+
+
+def _rows(grid: Grid, name: str, values: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """One row per trait × metric of one results.json (a cell's or a pooled group's)."""
+    rows = []
+    for ev in load_results(path).evals:
+        c = ev.comparison
+        spec = [s.candidate for s in ev.specificity]
+        rows.append({
+            "cell": name, "axes": values, "trait": ev.trait, "metric": ev.metric,
+            "treatment": c.treatment_mean if c else None, "control": c.control_mean if c else None,
+            "diff": c.diff if c else None, "ci_low": c.ci_low if c else None, "ci_high": c.ci_high if c else None,
+            "p_value": c.p_value if c else None, "test": c.test if c else None,
+            "n_treatment": c.n_treatment if c else None, "n_control": c.n_control if c else None,
+            "ratio": c.treatment_mean / c.control_mean if c and c.control_mean > 0 else None,
+            "rank": spec.index(ev.trait) + 1 if ev.trait in spec else None,
+            "candidates": len(spec) or None,
+            "report": (path.parent / "report.md").relative_to(grid.directory).as_posix(),
+        })
+    return rows
 
 
 def write_grid_results(grid: Grid) -> Path:
@@ -52,7 +65,7 @@ def write_grid_results(grid: Grid) -> Path:
     atomic_write_json(grid.directory / "grid_results.json", {
         "schema_version": SCHEMA_VERSION, "grid": grid.name, "grid_file": str(grid.path),
         "experiment": grid.spec.experiment, "axes": axes, "cells": [c.name for c in grid.cells],
-        "missing": missing, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows})
+        "pooled": grid.spec.pool, "missing": missing, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows})
     figure = _write_figure(grid, rows)
     path = grid.directory / "grid_report.md"
     atomic_write_text(path, grid_markdown(grid, rows, missing, figure))
@@ -99,7 +112,7 @@ def _write_figure(grid: Grid, rows: list[dict[str, Any]]) -> str | None:
 
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     traits = list(dict.fromkeys(r["trait"] for r in rows))
-    cells = [c.name for c in grid.cells]
+    cells = list(dict.fromkeys([c.name for c in grid.cells] + [r["cell"] for r in rows]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.4 * len(cells) * len(traits) + 1.5),
                              squeeze=False)
     for ax, metric in zip(axes[0], metrics):
