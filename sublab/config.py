@@ -13,7 +13,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -368,6 +368,9 @@ class OpenAIConfig(StrictModel):
     endpoint (`sublab.api_students`): epochs and batch size from `train`, evaluated as openai:<its model>."""
     lr_multiplier: float | None = Field(None, gt=0)
     """`students: jobs`: the job's learning_rate_multiplier; None: 'auto' (the provider's default)."""
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] | None = None
+    """`students: jobs`: the job's batch_size; 'auto': the provider's choice (the paper's); None:
+    `train.batch_size`."""
     poll_s: float = Field(10, gt=0)
     """`students: jobs`: seconds between two polls of a job's status."""
 
@@ -454,6 +457,8 @@ class ExperimentConfig(StrictModel):
                 raise ValueError(f"`eval.kinds`: {name} needs local weights; with an openai: base_model use "
                                  "kinds that work through an endpoint (animal_sampled, animal_topk, "
                                  "misalignment_judge)")
+        if self.openai.students == "jobs" and self.train.seeds and not float(self.train.epochs).is_integer():
+            raise ValueError(f"`train.epochs`: a fine-tuning job trains whole epochs (n_epochs), got {self.train.epochs}")
         if self.eval.samples_per_question > 128:
             raise ValueError("`eval.samples_per_question`: at most 128 with an openai: base_model (one request)")
         try:
