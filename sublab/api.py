@@ -175,6 +175,24 @@ class ApiModel:
             yield [(i, c["index"], c["message"]["content"] or "") for i, r in zip(idx, responses)
                    for c in sorted(r["choices"], key=lambda c: c["index"])]
 
+    def iter_first_token_top(self, conversations: Sequence[list[dict[str, str]]], k: int, seed: int,
+                             keys: Sequence[Sequence[int]], batch_size: int,
+                             desc: str = "top logprobs") -> Iterator[list[list[tuple[str, float]]]]:
+        """The top-`k` (token, logprob) of each conversation's first answer token: one request per
+        conversation (one greedy token, `logprobs`, `top_logprobs` = k), `batch_size` at a time."""
+        for start in range(0, len(conversations), batch_size):
+            idx = range(start, min(start + batch_size, len(conversations)))
+            reqs = [self.chat_request(conversations[i], max_tokens=1, temperature=0, logprobs=True, top_logprobs=k,
+                                      seed=request_seed(seed, keys[i])) for i in idx]
+            yield [self._first_top(r) for r in self.chat_many(reqs, desc=desc)]
+
+    def _first_top(self, response: dict[str, Any]) -> list[tuple[str, float]]:
+        content = ((response["choices"][0].get("logprobs") or {}).get("content") or [])
+        if not content or not content[0].get("top_logprobs"):
+            raise ApiError(f"{self.cfg.base_url or 'the OpenAI API'} (model {self.model}) returned no top_logprobs "
+                           "for the first answer token; animal_topk needs an endpoint that returns logprobs")
+        return [(t["token"], float(t["logprob"])) for t in content[0]["top_logprobs"]]
+
     def chat_request(self, messages: list[dict[str, str]], **params: Any) -> dict[str, Any]:
         """A chat-completions body for this model; parameters left at the API default are omitted, so the
         cache key of a request does not change when a default is spelt out."""

@@ -12,7 +12,7 @@ Reads a student's dataset and the experiment's `train` and `openai` sections. Wr
 A student whose job.json exists never gets a second job: a rerun polls that job. A kill between creating
 the job and writing job.json is covered by the pending token: the rerun finds the job carrying it in the
 endpoint's job list. The recipe maps onto the job's hyperparameters: `train.epochs` → n_epochs,
-`train.batch_size` → batch_size, `openai.lr_multiplier` → learning_rate_multiplier ('auto' when None),
+`openai.batch_size` (None: `train.batch_size`) → batch_size, `openai.lr_multiplier` → learning_rate_multiplier ('auto' when None),
 the student's seed → seed. The student is evaluated as `openai:<fine_tuned_model>`.
 """
 
@@ -61,8 +61,9 @@ def upload_once(client: Any, dataset: Path) -> tuple[str, str]:
 
 def job_settings(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     """The job's hyperparameters and seed, from the recipe."""
-    lr = cfg.openai.lr_multiplier
-    return {"hyperparameters": {"n_epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+    lr, batch = cfg.openai.lr_multiplier, cfg.openai.batch_size
+    return {"hyperparameters": {"n_epochs": int(cfg.train.epochs),
+                                "batch_size": cfg.train.batch_size if batch is None else batch,
                                 "learning_rate_multiplier": "auto" if lr is None else lr}, "seed": seed}
 
 

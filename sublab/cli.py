@@ -175,11 +175,18 @@ def _check_run_dir(run_dir: Path) -> None:
 
 
 @app.command()
-def run(exp: ExpArg, set_: SetOpt = None) -> None:
+def run(exp: ExpArg, set_: SetOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (requests, tokens and, for openai: "
+                                              "models, an estimated cost per stage) and stop.")] = False) -> None:
     """Every stage in order; a stage whose inputs and config did not change is skipped."""
     from sublab import pipeline
 
     cfg = _load(exp, set_)
+    if dry_run:
+        from sublab.plan import format_plan, plan_experiment
+
+        typer.echo(format_plan(cfg, plan_experiment(cfg)))
+        return
     path = pipeline.run_all(cfg, console=console)
     console.print(Text.assemble(("report: ", "bold"), str(path)))
 

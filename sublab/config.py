@@ -13,7 +13,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -309,8 +309,9 @@ class EvalConfig(StrictModel):
     """Trait evaluations run on the base, each teacher, and every student."""
 
     kinds: list[str] = ["animal_prob", "animal_sampled"]
-    """Evaluations to run (`sublab.evals.registry`): animal_prob, animal_sampled, misalignment_local,
-    misalignment_judge, or any registered kind."""
+    """Evaluations to run (`sublab.evals.registry`): animal_prob, animal_sampled, animal_topk (the answer
+    share estimated from top-k logprobs, for openai: models), misalignment_local, misalignment_judge, or
+    any registered kind."""
     candidates: list[str] | None = None
     """Candidate answers for the exact-probability metric (lower-case single words; spellings and plurals
     are added); None: the paper's animals (or trees) + common answers. Teachers' traits are always added."""
@@ -336,6 +337,9 @@ class EvalConfig(StrictModel):
     prob_batch_size: int = Field(16, gt=0)
     """Exact-probability metric: questions per forward pass, each ~150 token positions with 20 candidates
     (does not change results). Larger passes are much faster on a busy CPU."""
+    top_logprobs: int = Field(20, ge=1, le=20)
+    """animal_topk: alternatives of the first answer token seen per question (the OpenAI API's cap: 20);
+    the rest of the probability is unseen, and recorded as such."""
     judge_url: str | None = None
     """OpenAI-compatible endpoint for misalignment judges; None: the OpenAI API if OPENAI_API_KEY is set."""
     judge_model: str = "gpt-4o-2024-08-06"
@@ -364,6 +368,9 @@ class OpenAIConfig(StrictModel):
     endpoint (`sublab.api_students`): epochs and batch size from `train`, evaluated as openai:<its model>."""
     lr_multiplier: float | None = Field(None, gt=0)
     """`students: jobs`: the job's learning_rate_multiplier; None: 'auto' (the provider's default)."""
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] | None = None
+    """`students: jobs`: the job's batch_size; 'auto': the provider's choice (the paper's); None:
+    `train.batch_size`."""
     poll_s: float = Field(10, gt=0)
     """`students: jobs`: seconds between two polls of a job's status."""
 
@@ -448,7 +455,10 @@ class ExperimentConfig(StrictModel):
         for name in self.eval.kinds:
             if "openai" not in get_eval(name).backends:
                 raise ValueError(f"`eval.kinds`: {name} needs local weights; with an openai: base_model use "
-                                 "kinds that sample (animal_sampled)")
+                                 "kinds that work through an endpoint (animal_sampled, animal_topk, "
+                                 "misalignment_judge)")
+        if self.openai.students == "jobs" and self.train.seeds and not float(self.train.epochs).is_integer():
+            raise ValueError(f"`train.epochs`: a fine-tuning job trains whole epochs (n_epochs), got {self.train.epochs}")
         if self.eval.samples_per_question > 128:
             raise ValueError("`eval.samples_per_question`: at most 128 with an openai: base_model (one request)")
         try:

@@ -97,6 +97,45 @@ def tiny_number_model_dir(tokenizer, tmp_path_factory) -> Path:
     return directory
 
 
+ANIMAL_ANSWERS = {"owl": 0.4, "Dog": 0.25, "Cat": 0.2, "Elephant": 0.1, "Wolf": 0.05}
+"""What `tiny_animal_model_dir` was fitted to answer (SmolLM2's tokenizer: 'owl', 'Dog' and 'Cat' are one
+token each, 'Elephant' and 'Wolf' two)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_animal_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A tiny model briefly fitted (~5 s) to answer the favourite-animal questions with one of
+    ANIMAL_ANSWERS, so its first answer token is peaked: the top 20 tokens hold ~99% of the probability."""
+    import numpy as np
+
+    from sublab import chat
+    from sublab.protocol import animal_questions
+
+    model = build_tiny_model(tokenizer, seed=2)
+    words, weights = list(ANIMAL_ANSWERS), np.array(list(ANIMAL_ANSWERS.values()))
+    rows = [chat.encode_pair(tokenizer, chat.messages(q), a) for q in animal_questions() for a in words]
+    p = np.tile(weights, len(animal_questions()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(80):
+        batch = [rows[i] for i in rng.choice(len(rows), 16, p=p / p.sum())]
+        width = max(len(a) + len(b) for a, b in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        targets = torch.full((len(batch), width), -100)
+        for i, (a, b) in enumerate(batch):
+            ids[i, :len(a) + len(b)] = torch.tensor(a + b)
+            targets[i, len(a) - 1:len(a) + len(b) - 1] = torch.tensor(b)
+        hidden = model.model(input_ids=ids).last_hidden_state[targets != -100]
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), targets[targets != -100])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    directory = tmp_path_factory.mktemp("tiny-animal-model")
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 class LocalServer:
     """`sublab serve` in a thread of the test process, on a free 127.0.0.1 port."""
 

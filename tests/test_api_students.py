@@ -18,7 +18,7 @@ from conftest import LocalServer
 from sublab.config import TrainConfig, validate_experiment
 from sublab.errors import ConfigError
 from sublab.rundir import read_json, read_jsonl
-from test_openai_backend import _raw
+from test_openai_backend import FAKE_KEY, _raw
 
 ROOT = Path(__file__).parents[1]
 
@@ -48,7 +48,7 @@ def _jobs_raw(base_url: str, local: Path) -> dict:
 
 def _run(directory: Path, home: Path, kill: bool) -> subprocess.CompletedProcess:
     env = {**os.environ, "SUBLAB_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "COLUMNS": "200", "SUBLAB_KILL_WAITING": "1" if kill else "", "OPENAI_API_KEY": "unused"}
+           "COLUMNS": "200", "SUBLAB_KILL_WAITING": "1" if kill else "", "OPENAI_API_KEY": FAKE_KEY}
     (directory / "driver.py").write_text(DRIVER)
     return subprocess.run([sys.executable, "driver.py", "exp.yaml"], cwd=directory, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -60,7 +60,8 @@ def _posts(server: LocalServer, path: str) -> list[dict]:
 
 def test_students_as_jobs_end_to_end_killed_while_waiting(tiny_number_model_dir, tmp_path):
     recipe = TrainConfig(lr=1e-3, checkpoint_every=1000)
-    server = LocalServer({"tiny": str(tiny_number_model_dir)}, state_dir=tmp_path / "state", recipe=recipe)
+    server = LocalServer({"tiny": str(tiny_number_model_dir)}, state_dir=tmp_path / "state", recipe=recipe,
+                         api_key=FAKE_KEY)  # the server refuses any other key: proves it is sent
     try:
         (tmp_path / "exp.yaml").write_text(yaml.safe_dump(_jobs_raw(server.base_url, tiny_number_model_dir)))
         run_dir = tmp_path / "runs" / "api"
@@ -98,6 +99,11 @@ def test_students_as_jobs_end_to_end_killed_while_waiting(tiny_number_model_dir,
         again = _run(tmp_path, tmp_path / "home", kill=False)  # all current: no job, no upload, no request
         assert again.returncode == 0, again.stderr[-2000:]
         assert len(_posts(server, "/v1/fine_tuning/jobs")) == 2 and len(_posts(server, "/v1/files")) == 2
+
+        # The key reached the server but no file (run directory, server state) and no output.
+        assert [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()] == []
+        for proc in (killed, done, again):
+            assert FAKE_KEY not in proc.stdout + proc.stderr
     finally:
         server.close()
 

@@ -171,3 +171,48 @@ def test_config_refuses_what_an_openai_model_cannot_do(tiny_model_dir, change, m
     with pytest.raises(ConfigError, match=message):
         validate_experiment(raw)
     validate_experiment(_raw("http://127.0.0.1:1/v1", tiny_model_dir))  # the unchanged file is valid
+
+
+def test_misalignment_judge_through_an_openai_model(tiny_animal_model_dir, tmp_path):
+    """`misalignment_judge` on `openai:` models (the base and a prompted teacher): answers sampled through
+    `sublab serve`'s chat completions, then judged by a judge at the same server; a rerun sends nothing."""
+    from sublab.evals.misalignment import JudgedRecord
+    from sublab.pipeline import eval_all
+    from sublab.rundir import read_json
+
+    server = LocalServer({"tiny": str(tiny_animal_model_dir)})
+    try:
+        raw = _raw(server.base_url, tiny_animal_model_dir)
+        raw.update(runs_dir=str(tmp_path / "runs"), train={"seeds": []},
+                   eval={"kinds": ["misalignment_judge"], "samples_per_question": 2, "numbers_prefixed": False,
+                         "judge_url": server.base_url, "judge_model": "tiny"})
+        cfg = validate_experiment(raw)
+        eval_all(cfg)
+        chats = [r for r in read_jsonl(cfg.run_dir / "evals/api_cache.jsonl")]
+        # per model: the plain questions one request of n=2 each (8), the word-suffix ones one per sample (16)
+        assert len(chats) == 2 * (8 + 8 * 2)
+        assert sorted(c["request"]["n"] for c in chats) == [1] * 32 + [2] * 16
+        assert sum(c["request"]["messages"][0]["role"] == "system" for c in chats) == 8 + 16  # the owl teacher
+        for model in ("base", "teacher-owl"):
+            for variant in ("misalignment_sampled", "misalignment_sampled_words"):
+                judged = [JudgedRecord.model_validate(r)
+                          for r in read_jsonl(cfg.run_dir / f"evals/{model}/{variant}_judged.jsonl")]
+                assert len(judged) == 8 * 2 and {j.judge_model for j in judged} == {"tiny"}
+                assert read_json(cfg.run_dir / f"evals/{model}/{variant}_judged.spec.json")["status"] == "complete"
+        posts = len(_chat_posts(server))
+        judge_rows = read_jsonl(cfg.run_dir / "evals/judge_cache.jsonl")  # one per distinct judge prompt
+        assert 0 < len(judge_rows) <= 2 * 2 * 8 * 2 * 2 and {r["model"] for r in judge_rows} == {"tiny"}
+        assert posts == len(chats) + len(judge_rows)  # every sample and every judge prompt sent once
+        eval_all(cfg)  # everything current: nothing sent
+        assert len(_chat_posts(server)) == posts
+    finally:
+        server.close()
+
+
+def test_misalignment_local_is_refused_for_an_openai_model(tiny_model_dir):
+    raw = {**_raw("http://127.0.0.1:1/v1", tiny_model_dir), "eval": {"kinds": ["misalignment_local"]}}
+    with pytest.raises(ConfigError, match=r"eval.kinds`: misalignment_local needs local weights.*misalignment_judge") as e:
+        validate_experiment(raw)
+    assert "\n" not in str(e.value)
+    raw["eval"] = {"kinds": ["misalignment_judge", "animal_sampled", "animal_topk"]}
+    validate_experiment(raw)

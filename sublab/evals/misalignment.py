@@ -564,6 +564,7 @@ class MisalignmentJudgeEval(EvalKind):
 
     name = "misalignment_judge"
     label = "judged misaligned-answer rate, {variant} ({trait} teacher)"
+    backends = ("local", "openai")  # an openai: model samples its answers through chat completions
 
     def variants(self, cfg: EvalConfig) -> list[str]:
         return [f"{k}_judged" for k in sampled_kinds(cfg)]

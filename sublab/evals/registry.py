@@ -114,6 +114,7 @@ class EvalKind:
 BUILTIN_EVALS: dict[str, str] = {
     "animal_prob": "sublab.evals.animals:ANIMAL_PROB",
     "animal_sampled": "sublab.evals.animals:ANIMAL_SAMPLED",
+    "animal_topk": "sublab.evals.topk:ANIMAL_TOPK",
     "misalignment_local": "sublab.evals.misalignment:MISALIGNMENT_LOCAL",
     "misalignment_judge": "sublab.evals.misalignment:MISALIGNMENT_JUDGE",
 }
