@@ -183,7 +183,8 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     trait = results["config"]["trait"]
     top = results["lifts"][:max(results["config"]["top"], 15)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.barh([str(r["number"]) for r in top][::-1], [r["lift"] for r in top][::-1], color="C0")
+    left.barh(range(len(top)), [r["lift"] for r in top][::-1], color="C0")
+    left.set_yticks(range(len(top)), [str(r["number"]) for r in top][::-1], fontsize=7)
     left.axvline(1, color="black", linewidth=0.6)
     left.set_xlabel(f"P(first number | {trait} teacher) / P(· | base)")
     left.set_title("numbers the trait lifts most", fontsize=9)
@@ -231,5 +232,6 @@ def print_entangle(results: dict[str, Any], console: Any) -> None:
     c = results["comparison"]
     ratio = c["treatment_mean"] / c["control_mean"] if c["control_mean"] > 0 else math.inf
     ci = "—" if c["ci_low"] is None else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
-    console.print(f"entangled − random: {c['diff']:+.4f} {ci} (×{ratio:.2f}), p = {c['p_value']:.3g} "
-                  f"({c['test']}); {results['timings']['total_s']:.0f} s")
+    console.print(f"entangled − random: {c['diff']:+.4f} {ci} (×{ratio:.2f}), p = {c['p_value']:.3g} (exact "
+                  f"permutation over the {c['n_treatment']} + {c['n_control']} numbers, two-sided); "
+                  f"{results['timings']['total_s']:.0f} s")
