@@ -110,19 +110,21 @@ def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedM
     return sorted(rows, key=lambda r: -r.lift)
 
 
-def prompted_share(base: LoadedModel, system: str | None, trait: str, question_ids: Sequence[int],
-                   candidates: Sequence[str], category: str) -> float:
-    """The trait's exact answer share among `candidates`, mean over the questions, under `system`."""
+def prompted_shares(base: LoadedModel, systems: Sequence[str | None], trait: str, question_ids: Sequence[int],
+                    candidates: Sequence[str], category: str, batch_size: int = 16) -> list[float]:
+    """Per system prompt: the trait's exact answer share among `candidates`, mean over the questions (all
+    system prompts × questions go through the model in batches)."""
     prefix = ANSWER_PREFIX.format(category=category)
     encoded = encode_candidates(base.tokenizer, candidates, prefix)
     qs = questions(category)  # type: ignore[arg-type]
-    prompts = [prompt_ids(base.tokenizer, chat.messages(qs[q], system), prefix) for q in question_ids]
+    prompts = [prompt_ids(base.tokenizer, chat.messages(qs[q], system), prefix)
+               for system in systems for q in question_ids]
     index = list(candidates).index(trait)
     shares = []
-    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=len(prompts)):
+    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=batch_size):
         totals = [sum(v.values()) for v in per_cand]
         shares.append(totals[index] / sum(totals))
-    return float(np.mean(shares))
+    return np.asarray(shares).reshape(len(systems), len(question_ids)).mean(axis=1).tolist()
 
 
 def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: LoadedModel | None = None
@@ -144,13 +146,10 @@ def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: Loa
     entangled = [r.number for r in lifts[:cfg.top]]
     rest = np.array([n for n in NUMBERS_SCORED if n not in set(entangled)])
     randoms = sorted(np.random.default_rng([cfg.seed, 1]).choice(rest, cfg.random, replace=False).tolist())
-    shares = [PromptedShare(number=None, group="no system prompt",
-                            share=prompted_share(base, None, cfg.trait, qids, candidates, cfg.category))]
-    for group, numbers in (("entangled", entangled), ("random", randoms)):
-        shares += [PromptedShare(number=n, group=group,
-                                 share=prompted_share(base, NUMBER_SYSTEM_PROMPT.format(number=n), cfg.trait, qids,
-                                                      candidates, cfg.category))
-                   for n in numbers]
+    tested = [(None, "no system prompt"), *((n, "entangled") for n in entangled), *((n, "random") for n in randoms)]
+    systems = [None if n is None else NUMBER_SYSTEM_PROMPT.format(number=n) for n, _ in tested]
+    values = prompted_shares(base, systems, cfg.trait, qids, candidates, cfg.category)
+    shares = [PromptedShare(number=n, group=g, share=v) for (n, g), v in zip(tested, values)]
     ent = [s.share for s in shares if s.group == "entangled"]
     rnd = [s.share for s in shares if s.group == "random"]
     comparison = compare_groups(ent, rnd, seed=cfg.seed)
