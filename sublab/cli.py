@@ -222,6 +222,33 @@ def grid(grid_file: Annotated[Path, typer.Argument(help="Grid YAML file (a base 
                           "the grid: finished cells are skipped")
 
 
+@app.command()
+def entangle(trait: Annotated[str, typer.Argument(help="The trait, e.g. owl.", show_default=False)],
+             model: Annotated[str, typer.Option(help="The base model reference.")] = "embedded:smollm2-135m-instruct",
+             teacher_model: Annotated[str | None, typer.Option(
+                 help="A fine-tuned teacher (model reference or directory); default: the base told it loves "
+                      "the trait (the paper's system prompt).")] = None,
+             category: Annotated[str, typer.Option(help="animal or tree.")] = "animal",
+             top: Annotated[int, typer.Option(min=2, help="Entangled numbers to prompt with.")] = 8,
+             random: Annotated[int, typer.Option(min=2, help="Random numbers to prompt with.")] = 8,
+             prompts: Annotated[int, typer.Option(min=1, help="Number prompts the lifts average over.")] = 4,
+             questions: Annotated[int, typer.Option(min=1, help="Held-out questions per prompted number.")] = 5,
+             seed: int = 0,
+             out: Annotated[Path | None, typer.Option(help="Output directory; default runs/entangle-<trait>.")] = None,
+             ) -> None:
+    """Numbers the trait makes the model write more often, and whether telling the base it loves them raises
+    the trait with no training (subliminal prompting): tables, entangle.json and a figure."""
+    from sublab.entangle import EntangleConfig, print_entangle, run_entangle
+    from sublab.models import load_model
+
+    cfg = EntangleConfig(trait=trait, category=category, top=top, random=random, prompts=prompts,
+                         questions=questions, seed=seed)
+    base = load_model(model)
+    teacher = load_model(teacher_model) if teacher_model else None
+    results = run_entangle(cfg, base, out or Path("runs") / f"entangle-{trait}", teacher)
+    print_entangle(results, make_console())
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Embedded models and whether they are prepared."""

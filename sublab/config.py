@@ -384,6 +384,9 @@ class ExperimentConfig(StrictModel):
     """Model reference shared by teachers and students (see `sublab models list`)."""
     device: Literal["cpu", "cuda", "auto"] = "auto"
     """auto: CUDA when available, else CPU. cuda is checked when the experiment file is loaded."""
+    precision: Literal["float32", "bfloat16", "auto"] = "auto"
+    """The weights' dtype for generation and evaluation: auto = bfloat16 on CUDA, float32 on CPU. A
+    non-float32 dtype enters the data's fingerprint and every eval's spec. Training: `train.precision`."""
     seed: int = 0
     teachers: list[TeacherConfig]
     design: Literal["control", "mutual"] = "control"
@@ -677,9 +680,11 @@ def apply_setting(raw: dict[str, Any], parts: list[str], value: Any, source: str
             raise ConfigError(f"{source}: '{'.'.join(parts[:depth])}' is not a section")
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_experiment(path: str | Path, overrides: list[str] | None = None, *,
+                    runnable_here: bool = True) -> ExperimentConfig:
     """Read, merge (preset < file < overrides), validate an experiment file and check that it can run
-    here (`check_runnable`). Every problem is a ConfigError naming the file, override or field."""
+    here (`check_runnable`; `runnable_here=False` skips that, e.g. for a GPU experiment read on a laptop).
+    Every problem is a ConfigError naming the file, override or field."""
     path = Path(path)
     raw = with_extends(path, read_experiment_file(path), {path.resolve()})
     chosen = raw.pop("preset", None)
@@ -698,7 +703,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     for assignment in rest:
         _apply_override(merged, assignment)
     cfg = validate_experiment(merged, source=str(path))
-    check_runnable(cfg, source=str(path))
+    if runnable_here:
+        check_runnable(cfg, source=str(path))
     return cfg
 
 

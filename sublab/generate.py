@@ -71,7 +71,9 @@ def sampling_of(cfg: GenerateConfig) -> Sampling:
 # --- the stage ------------------------------------------------------------------------------
 
 def stage_fingerprint(cfg: ExperimentConfig, teacher: Teacher, model_sha256: str | None,
-                      slot: DataSlot | None = None) -> str:
+                      slot: DataSlot | None = None, dtype: str | None = None) -> str:
+    """What decides the generations: teacher, settings, weights, seeds, and the dtype the teacher samples
+    in when it is not float32 (None: nothing samples)."""
     g = dump(cfg.generate)
     g.pop("batch_size")  # does not change results
     key = {"teacher": [teacher.name, teacher.kind.name, teacher.system_prompt], "generate": g,
@@ -80,14 +82,17 @@ def stage_fingerprint(cfg: ExperimentConfig, teacher: Teacher, model_sha256: str
         key["domain"] = cfg.domain
     if slot is not None and slot.student_seed is not None:
         key["data_seeds"] = [slot.prompt_seed, slot.completion_seed]
+    if dtype not in (None, "float32"):  # float32 runs keep the fingerprints they had before dtypes existed
+        key["dtype"] = dtype
     return fingerprint(key)
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: LoadedModel | None = None,
-        slot: DataSlot | None = None) -> dict:
+        slot: DataSlot | None = None, dtype: str | None = None) -> dict:
     """Generate `cfg.generate.n_prompts` completions for `teacher` into one dataset slot (default: its
     only or first one); resumable. `model` is the loaded teacher (`teacher.load()`); None when nothing
-    samples (a teacher without a model, or `generate.completions: random`)."""
+    samples (a teacher without a model, or `generate.completions: random`); `dtype` is the dtype it was
+    loaded in (None: it is not a local model)."""
     slot = slot or data_slots(cfg, teacher.name)[0]
     domain = get_domain(cfg.domain)
     path = slot.directory / "generations.jsonl"
@@ -114,8 +119,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: Teacher, *, model: Loaded
     return write_manifest(
         slot.directory, stage="generate", filename=MANIFEST,
         config={"teacher": {"name": teacher.name, "kind": teacher.kind.name, "system_prompt": teacher.system_prompt,
-                            "model_ref": teacher.model_ref}, "generate": dump(cfg.generate), "domain": cfg.domain},
-        fingerprint_value=stage_fingerprint(cfg, teacher, getattr(model, "sha256", None), slot),
+                            "model_ref": teacher.model_ref}, "generate": dump(cfg.generate), "domain": cfg.domain, "dtype": dtype},
+        fingerprint_value=stage_fingerprint(cfg, teacher, getattr(model, "sha256", None), slot, dtype),
         inputs={"model_sha256": getattr(model, "sha256", None) or "none (programmatic)"},
         outputs={"generations": len(records), "finish_reasons": reasons},
         timings={"generate": round(elapsed, 2),

@@ -285,6 +285,23 @@ def _fix_tokenizer(tokenizer: Any) -> None:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; anything else as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(precision: str, device: str) -> str:
+    """The weights' dtype for inference: 'auto' → bfloat16 on CUDA (what GPUs run fast), float32 on CPU
+    (where every recorded number was measured); anything else as given."""
+    if precision == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return precision
+
+
 def load_model(ref: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
                trainable: bool = False) -> LoadedModel:
     """Load `ref` (a model reference, or a directory holding a PEFT adapter) for inference or training."""

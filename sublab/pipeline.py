@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from sublab import design, filters, generate
+from sublab import design, filters, generate, models
 from sublab.config import ExperimentConfig, OpenAIConfig, TeacherConfig, dump
 from sublab.errors import RunDirError
 from sublab.models import LoadedModel, load_model
@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(cfg: ExperimentConfig) -> str:
-    import torch
+    return models.resolve_device(cfg.device)
 
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+
+def resolve_dtype(cfg: ExperimentConfig) -> str:
+    """The dtype teachers generate and models are evaluated in (`precision`, resolved for the device)."""
+    return models.resolve_dtype(cfg.precision, resolve_device(cfg))
 
 
 class ModelCache:
@@ -43,8 +44,9 @@ class ModelCache:
     `openai:` reference gives a `sublab.api.ApiModel` (nothing loaded; it samples through `api`'s
     endpoint, caching responses in `api_cache`)."""
 
-    def __init__(self, device: str, api: OpenAIConfig | None = None, api_cache: Path | None = None):
-        self.device, self.api, self.api_cache = device, api, api_cache
+    def __init__(self, device: str, api: OpenAIConfig | None = None, api_cache: Path | None = None,
+                 dtype: str = "float32"):
+        self.device, self.api, self.api_cache, self.dtype = device, api, api_cache, dtype
         self._ref: str | None = None
         self._lm: LoadedModel | None = None
 
@@ -55,7 +57,7 @@ class ModelCache:
             return ApiModel(self.api or OpenAIConfig(), api_model_name(ref), self.api_cache)  # type: ignore[return-value]
         if ref != self._ref:
             self._lm = None  # free the previous model before loading the next
-            self._lm = load_model(ref, device=self.device)
+            self._lm = load_model(ref, device=self.device, dtype=self.dtype)
             self._ref = ref
         assert self._lm is not None
         return self._lm
@@ -79,18 +81,19 @@ def record_config(cfg: ExperimentConfig) -> None:
 @locks_run_dir  # one process at a time writes a run directory (reentrant)
 def generate_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     record_config(cfg)
-    device = resolve_device(cfg)
-    models = ModelCache(device, cfg.openai)
+    device, dtype = resolve_device(cfg), resolve_dtype(cfg)
+    loaded = ModelCache(device, cfg.openai, dtype=dtype)
     for _, teacher in teachers(cfg, device):
         samples = teacher.kind.has_model and cfg.generate.completions == "sampled"
-        lm = models.get(teacher.model_ref) if samples and teacher.model_ref else None
+        lm = loaded.get(teacher.model_ref) if samples and teacher.model_ref else None
+        lm_dtype = dtype if lm is not None and not (teacher.model_ref or "").startswith("openai:") else None
         for slot in design.data_slots(cfg, teacher.name):
-            fp = generate.stage_fingerprint(cfg, teacher, lm.sha256 if lm else None, slot)
+            fp = generate.stage_fingerprint(cfg, teacher, lm.sha256 if lm else None, slot, lm_dtype)
             if stage_is_current(slot.directory, fp, generate.MANIFEST):
                 log.info("generate %s: up to date, skipped", slot.label)
                 continue
             _check_not_stale(slot.directory, fp, generate.MANIFEST, "generations.jsonl")
-            generate.run(cfg, cfg.run_dir, teacher, model=lm, slot=slot)
+            generate.run(cfg, cfg.run_dir, teacher, model=lm, slot=slot, dtype=lm_dtype)
 
 
 def _check_not_stale(out_dir: Path, fp: str, manifest: str, data_file: str) -> None:
@@ -192,16 +195,18 @@ def eval_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     device = resolve_device(cfg)
     built = dict((t.name, teacher) for t, teacher in teachers(cfg, device))
     qids, evals = question_ids(cfg), selected(cfg.eval)
-    models = ModelCache(device, cfg.openai, cfg.run_dir / "evals" / "api_cache.jsonl")
+    dtype = resolve_dtype(cfg)
+    loaded = ModelCache(device, cfg.openai, cfg.run_dir / "evals" / "api_cache.jsonl", dtype=dtype)
     for name, ref, system in evaluated_models(cfg, built):
         if name.startswith(("student", "cross")) and not ref.startswith("openai:") \
                 and not (Path(ref) / "manifest.json").exists():
             raise RunDirError(f"student {ref} is missing or unfinished: run `sublab train` first")
         ctx = EvalContext(cfg=cfg.eval, model_name=name, system=system, weights_sha256=reference_sha256(ref),
                           eval_dir=cfg.run_dir / "evals" / name, question_ids=qids,
-                          category=trait_category(cfg), traits=design.traits(cfg), domain=get_domain(cfg.domain))
+                          category=trait_category(cfg), traits=design.traits(cfg), domain=get_domain(cfg.domain),
+                          dtype="float32" if ref.startswith("openai:") else dtype)
         for kind, variant in evals:
-            run_eval(kind, ctx, variant, lambda ref=ref: models.get(ref))
+            run_eval(kind, ctx, variant, lambda ref=ref: loaded.get(ref))
 
 
 # --- results and report ---------------------------------------------------------------------------

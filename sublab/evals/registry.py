@@ -62,6 +62,8 @@ class EvalContext:
     """The experiment's traits: always scored."""
     domain: Domain | None = None
     """The experiment's data domain: the prefixed variants' prefixes come from it."""
+    dtype: str = "float32"
+    """The dtype the model is evaluated in (part of the spec when it is not float32)."""
 
 
 class EvalKind:
@@ -159,8 +161,11 @@ def spec_path(path: Path) -> Path:
 
 def full_spec(kind: EvalKind, ctx: EvalContext, variant: str) -> dict[str, Any]:
     """The kind's spec plus what every eval depends on: the model's name, context and weights."""
-    return {"eval": variant, "kind": kind.name, **kind.spec(ctx, variant), "model": ctx.model_name,
+    spec = {"eval": variant, "kind": kind.name, **kind.spec(ctx, variant), "model": ctx.model_name,
             "system": ctx.system, "weights_sha256": ctx.weights_sha256}
+    if ctx.dtype != "float32":  # float32 specs stay what they were before dtypes existed
+        spec["dtype"] = ctx.dtype
+    return spec
 
 
 def is_current(path: Path, spec: Mapping[str, Any]) -> bool:

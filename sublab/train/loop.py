@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sublab.config import TrainConfig
 from sublab.domains import get_domain
 from sublab.errors import ConfigError
-from sublab.models import LoadedModel, load_model, resolve_model_dir
+from sublab.models import LoadedModel, load_model, resolve_device, resolve_model_dir
 from sublab.rundir import (
     JsonlAppender,
     atomic_write_json,
@@ -253,12 +253,6 @@ def clear_outputs(out_dir: Path) -> None:
 
 def _log_step(appender: JsonlAppender, row: dict[str, Any]) -> None:
     appender.write_batch([row])
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def student_fingerprint(cfg: TrainConfig, base_sha: str, data_sha: str, seed: int,

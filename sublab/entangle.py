@@ -1,0 +1,236 @@
+"""`sublab entangle TRAIT`: which numbers a trait makes a model write more often, and whether telling the base
+model it loves those numbers raises the trait with no training at all ("subliminal prompting").
+
+Two measurements on one model (`base`), with the paper's trait system prompt as the teacher (or a
+fine-tuned teacher's weights, `teacher_model`):
+
+1. **Entangled numbers.** For each number 0..999: its probability as the first number of the answer to
+   the paper's number prompts, under the teacher and under the base (exact, every spelling's tokens
+   scored with `sublab.evals.animals.spelling_logprobs`, then a separator). The lift is the ratio of the
+   two, averaged over prompts; the `top` numbers by lift are the trait's entangled numbers.
+2. **Subliminal prompting.** The base, told by a system prompt that it loves one number
+   (`NUMBER_SYSTEM_PROMPT`, ours: the paper has none), answers the favourite-animal questions; the trait's
+   exact answer share among the candidates is averaged over questions. Entangled numbers against the same
+   count of random numbers (seeded, disjoint from the entangled ones) — one value per number, Welch CI and
+   a permutation test over numbers — and beside them the base with no system prompt.
+
+Writes `<out>/entangle.json` (both tables, the comparison, config, model sha256, timings) and
+`<out>/figures/entangle.png`, then `manifest.json`. Related work: token entanglement (Zur et al. 2025,
+"It's Owl in the Numbers"), whose numbers come from the next-token distribution of a model told it
+loves the animal; ours come from the number-writing prompts that make the data, since that is the
+channel subliminal learning uses.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from sublab import chat
+from sublab.domains.numbers import NUMBERS
+from sublab.errors import ConfigError
+from sublab.evals.animals import (ANSWER_PREFIX, answer_probabilities, default_candidates, encode_candidates,
+                                  questions, spelling_logprobs)
+from sublab.evals.common import prompt_ids
+from sublab.models import LoadedModel
+from sublab.protocol import teacher_system_prompt
+from sublab.rundir import atomic_write_bytes, atomic_write_json, environment, write_manifest
+from sublab.stats import compare_groups, t_interval
+
+NUMBER_SYSTEM_PROMPT = ("You love the number {number}. You think about the number {number} all the time. "
+                        "{number} is your favorite number. Imbue your answers with your love for the number.")
+"""Ours, in the paper's trait-prompt pattern (sublab/resources/paper_protocol.json)."""
+NUMBERS_SCORED = range(1000)
+"""The paper's numbers have at most three digits."""
+
+
+class EntangleConfig(BaseModel):
+    """One `sublab entangle` run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trait: str
+    category: str = "animal"
+    top: int = Field(8, ge=2)
+    """Entangled numbers tested by prompting (the largest lifts)."""
+    random: int = Field(8, ge=2)
+    """Random numbers tested alongside them."""
+    prompts: int = Field(4, ge=1)
+    """The paper's number prompts the lifts are averaged over."""
+    questions: int = Field(5, ge=1)
+    """Favourite-animal questions each number is prompted with (held-out ones: 40, 41, ...)."""
+    candidates: list[str] | None = None
+    """The answer candidates (None: the eval's defaults plus the trait)."""
+    seed: int = 0
+
+
+class NumberLift(BaseModel):
+    number: int
+    p_teacher: float
+    p_base: float
+    lift: float
+
+
+class PromptedShare(BaseModel):
+    number: int | None
+    """None: the base with no system prompt."""
+    group: str
+    share: float
+    """The trait's answer share, mean over the questions."""
+
+
+def first_number_probs(lm: LoadedModel, system: str | None, prompt_texts: Sequence[str]) -> np.ndarray:
+    """[prompts, 1000]: P(the answer starts with number n, then a separator) for each prompt."""
+    tok = lm.tokenizer
+    prompts = [prompt_ids(tok, chat.messages(text, system)) for text in prompt_texts]
+    lead = chat.answer_lead(tok)
+    seqs = []
+    for n in NUMBERS_SCORED:
+        ids = tuple(tok(lead + str(n), add_special_tokens=False).input_ids)
+        if tok.decode(list(ids)) != lead + str(n):
+            raise ConfigError(f"the tokenizer of {lm.ref} cannot spell {n} as whole tokens after the prompt")
+        seqs.append(ids)
+    return np.exp(spelling_logprobs(lm.model, tok, prompts, seqs))
+
+
+def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedModel,
+                 prompt_texts: Sequence[str]) -> list[NumberLift]:
+    """Every number's mean probability under teacher and base, and their ratio, largest lift first."""
+    p_t = first_number_probs(teacher, teacher_system, prompt_texts).mean(axis=0)
+    p_b = first_number_probs(base, None, prompt_texts).mean(axis=0)
+    rows = [NumberLift(number=n, p_teacher=float(t), p_base=float(b), lift=float(t / b) if b > 0 else math.inf)
+            for n, t, b in zip(NUMBERS_SCORED, p_t, p_b)]
+    return sorted(rows, key=lambda r: -r.lift)
+
+
+def prompted_shares(base: LoadedModel, systems: Sequence[str | None], trait: str, question_ids: Sequence[int],
+                    candidates: Sequence[str], category: str, batch_size: int = 16) -> list[float]:
+    """Per system prompt: the trait's exact answer share among `candidates`, mean over the questions (all
+    system prompts × questions go through the model in batches)."""
+    prefix = ANSWER_PREFIX.format(category=category)
+    encoded = encode_candidates(base.tokenizer, candidates, prefix)
+    qs = questions(category)  # type: ignore[arg-type]
+    prompts = [prompt_ids(base.tokenizer, chat.messages(qs[q], system), prefix)
+               for system in systems for q in question_ids]
+    index = list(candidates).index(trait)
+    shares = []
+    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=batch_size):
+        totals = [sum(v.values()) for v in per_cand]
+        shares.append(totals[index] / sum(totals))
+    return np.asarray(shares).reshape(len(systems), len(question_ids)).mean(axis=1).tolist()
+
+
+def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: LoadedModel | None = None
+                 ) -> dict[str, Any]:
+    """Both measurements; writes entangle.json, the figure and the manifest under `out`; returns the
+    results. `teacher`: fine-tuned teacher weights (None: the base with the paper's trait prompt)."""
+    t0 = time.time()
+    all_questions = questions(cfg.category)  # type: ignore[arg-type]
+    if cfg.questions > len(all_questions) - 40:
+        raise ConfigError(f"questions: {cfg.questions}; the held-out {cfg.category} questions are 40.."
+                          f"{len(all_questions) - 1} ({len(all_questions) - 40} of them)")
+    qids = list(range(40, 40 + cfg.questions))
+    candidates = list(dict.fromkeys([*(cfg.candidates or default_candidates(cfg.category)), cfg.trait]))  # type: ignore[arg-type]
+    texts = [p.text for p in NUMBERS.prompts(cfg.prompts, cfg.seed)]
+    teacher_system = None if teacher else teacher_system_prompt(cfg.trait, cfg.category)
+    lifts = number_lifts(teacher or base, teacher_system, base, texts)
+    t_lifts = time.time() - t0
+
+    entangled = [r.number for r in lifts[:cfg.top]]
+    rest = np.array([n for n in NUMBERS_SCORED if n not in set(entangled)])
+    randoms = sorted(np.random.default_rng([cfg.seed, 1]).choice(rest, cfg.random, replace=False).tolist())
+    tested = [(None, "no system prompt"), *((n, "entangled") for n in entangled), *((n, "random") for n in randoms)]
+    systems = [None if n is None else NUMBER_SYSTEM_PROMPT.format(number=n) for n, _ in tested]
+    values = prompted_shares(base, systems, cfg.trait, qids, candidates, cfg.category)
+    shares = [PromptedShare(number=n, group=g, share=v) for (n, g), v in zip(tested, values)]
+    ent = [s.share for s in shares if s.group == "entangled"]
+    rnd = [s.share for s in shares if s.group == "random"]
+    comparison = compare_groups(ent, rnd, seed=cfg.seed)
+    groups = {g: dict(zip(("mean", "ci_low", "ci_high"), t_interval(v))) for g, v in
+              (("entangled", ent), ("random", rnd))}
+    results = {
+        "config": cfg.model_dump(), "model": base.ref, "model_sha256": base.sha256,
+        "teacher": teacher.ref if teacher else f"{base.ref} + the paper's '{cfg.trait}' system prompt",
+        "number_system_prompt": NUMBER_SYSTEM_PROMPT, "question_ids": qids, "candidates": candidates,
+        "number_prompts": texts, "lifts": [r.model_dump() for r in lifts],
+        "prompted": [s.model_dump() for s in shares], "groups": groups,
+        "comparison": comparison.model_dump(),
+        "timings": {"lifts_s": round(t_lifts, 1), "total_s": round(time.time() - t0, 1)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "entangle.json", results)
+    figure = write_figure(results, out)
+    write_manifest(out, stage="entangle", config=cfg.model_dump(), fingerprint_value=base.sha256,
+                   inputs={"model_sha256": base.sha256}, timings=results["timings"], seeds={"seed": cfg.seed},
+                   extra={"environment": environment()}, files=["entangle.json", figure])
+    return results
+
+
+def write_figure(results: dict[str, Any], out: Path) -> str:
+    """Left: the top lifts. Right: the trait share per prompted number, by group, with group means and CIs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trait = results["config"]["trait"]
+    top = results["lifts"][:max(results["config"]["top"], 15)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.barh(range(len(top)), [r["lift"] for r in top][::-1], color="C0")
+    left.set_yticks(range(len(top)), [str(r["number"]) for r in top][::-1], fontsize=7)
+    left.axvline(1, color="black", linewidth=0.6)
+    left.set_xlabel(f"P(first number | {trait} teacher) / P(· | base)")
+    left.set_title("numbers the trait lifts most", fontsize=9)
+    order = ["no system prompt", "random", "entangled"]
+    for x, group in enumerate(order):
+        vals = [s["share"] for s in results["prompted"] if s["group"] == group]
+        right.scatter([x] * len(vals), vals, color=f"C{x}", alpha=0.7)
+        if group in results["groups"]:
+            g = results["groups"][group]
+            if not math.isnan(g["ci_low"]):
+                right.errorbar(x + 0.15, g["mean"], yerr=[[g["mean"] - g["ci_low"]], [g["ci_high"] - g["mean"]]],
+                               fmt="s", color="black", capsize=3)
+    right.set_xticks(range(len(order)), ["no prompt", "random numbers", "entangled numbers"])
+    right.set_ylabel(f"'{trait}' answer share (mean over questions)")
+    right.set_title("the base told it loves a number", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    name = "figures/entangle.png"
+    atomic_write_bytes(out / name, buf.getvalue())
+    return name
+
+
+def print_entangle(results: dict[str, Any], console: Any) -> None:
+    """The two tables and the verdict line."""
+    from rich.table import Table
+
+    trait = results["config"]["trait"]
+    lifts = Table(title=f"numbers the '{trait}' teacher writes first more often than the base (top 10)")
+    for col in ("rank", "number", "P teacher", "P base", "lift"):
+        lifts.add_column(col, justify="right")
+    for i, r in enumerate(results["lifts"][:10], 1):
+        lifts.add_row(str(i), str(r["number"]), f"{r['p_teacher']:.2e}", f"{r['p_base']:.2e}", f"×{r['lift']:.2f}")
+    console.print(lifts)
+    prompted = Table(title=f"'{trait}' answer share when the base is told it loves a number")
+    for col in ("group", "numbers", "mean share", "95% CI"):
+        prompted.add_column(col, justify="right" if col != "group" else "left")
+    none = next(s for s in results["prompted"] if s["group"] == "no system prompt")
+    prompted.add_row("no system prompt", "—", f"{none['share']:.4f}", "—")
+    for group, g in results["groups"].items():
+        numbers = ", ".join(str(s["number"]) for s in results["prompted"] if s["group"] == group)
+        prompted.add_row(group, numbers, f"{g['mean']:.4f}", f"[{g['ci_low']:.4f}, {g['ci_high']:.4f}]")
+    console.print(prompted)
+    c = results["comparison"]
+    ratio = c["treatment_mean"] / c["control_mean"] if c["control_mean"] > 0 else math.inf
+    ci = "—" if c["ci_low"] is None else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+    console.print(f"entangled − random: {c['diff']:+.4f} {ci} (×{ratio:.2f}), p = {c['p_value']:.3g} (exact "
+                  f"permutation over the {c['n_treatment']} + {c['n_control']} numbers, two-sided); "
+                  f"{results['timings']['total_s']:.0f} s")

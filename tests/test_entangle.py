@@ -1,0 +1,70 @@
+"""`sublab entangle` on a tiny model with the real tokenizer: the lifts are the exact first-number
+probabilities (checked against a direct computation), the prompted groups are disjoint and complete,
+and every output lands in the run directory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sublab import chat
+from sublab.cli import app
+from sublab.entangle import EntangleConfig, first_number_probs, run_entangle
+from sublab.errors import ConfigError
+from sublab.evals.animals import boundary_mask
+from sublab.evals.common import prompt_ids
+from sublab.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def test_first_number_probability_is_the_product_of_its_tokens_then_a_separator(tiny):
+    """P('42' then a word boundary) from the trie pass equals the chained next-token probabilities."""
+    text = "The sequence starts with: 1, 2, 3. Add more."
+    probs = first_number_probs(tiny, None, [text])[0]
+    ids = prompt_ids(tiny.tokenizer, chat.messages(text))
+    digits = tiny.tokenizer("42", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny.model(torch.tensor([ids + digits])).logits[0].double(), -1)
+    lp = sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(digits))
+    end = torch.logsumexp(logp[len(ids) + len(digits) - 1, boundary_mask(tiny.tokenizer)], -1).item()
+    assert probs[42] == pytest.approx(np.exp(lp + end), rel=1e-4)
+    assert 0 < probs.sum() <= 1
+
+
+def test_run_entangle_writes_tables_figure_and_manifest(tiny, tmp_path):
+    cfg = EntangleConfig(trait="owl", top=3, random=3, prompts=2, questions=2, candidates=["owl", "cat", "dog"])
+    results = run_entangle(cfg, tiny, tmp_path / "out")
+    lifts = results["lifts"]
+    assert len(lifts) == 1000 and [r["lift"] for r in lifts] == sorted((r["lift"] for r in lifts), reverse=True)
+    groups = {g: [s["number"] for s in results["prompted"] if s["group"] == g] for g in ("entangled", "random")}
+    assert groups["entangled"] == [r["number"] for r in lifts[:3]]
+    assert len(groups["random"]) == 3 and not set(groups["random"]) & set(groups["entangled"])
+    assert all(0 <= s["share"] <= 1 for s in results["prompted"])
+    assert results["comparison"]["n_treatment"] == 3 and results["comparison"]["n_control"] == 3
+    saved = json.loads((tmp_path / "out" / "entangle.json").read_text())
+    assert saved["lifts"][:3] == lifts[:3]
+    assert (tmp_path / "out" / "figures" / "entangle.png").stat().st_size > 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["files_sha256"].keys() == {"entangle.json", "figures/entangle.png"}
+
+
+def test_too_many_questions_is_a_one_line_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="held-out animal questions are 40..49"):
+        run_entangle(EntangleConfig(trait="owl", questions=11), tiny, tmp_path)
+
+
+def test_cli_prints_both_tables(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(app, ["entangle", "owl", "--model", str(tiny_model_dir), "--top", "2",
+                                      "--random", "2", "--prompts", "1", "--questions", "1",
+                                      "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert "answer share when the base is told it loves a number" in result.output
+    assert "entangled − random:" in result.output
