@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sublab import design
-from sublab.config import ExperimentConfig
+from sublab.config import ExperimentConfig, FinetuneConfig
 from sublab.evals.registry import get_eval
 
 PRICES_AS_OF = "2025"
@@ -86,6 +86,83 @@ class StagePlan:
     training_tokens: int = 0
     cost_usd: float | None = None
     """None: a local model, or a model the price table does not know."""
+
+
+# --- time on this project's machine --------------------------------------------------------------
+#
+# The rates are for the embedded SmolLM2-135M-Instruct on CPU (2 cores). They come from the cost tables
+# of docs/results.md, each measured with the command named there:
+#     `sublab run examples/owl-quick.yaml` (the demo: teachers, 6 distillation students, evals),
+#     the transfer study's cell lora8-shared-init, 5 seeds (20 students, 47 min),
+#     `sublab --threads 1 run examples/owl-quick.yaml` at commit 09f55dd (sampled generation, SFT students).
+# For any other base model or a CUDA device there is no measured rate: the plan says so instead of guessing.
+
+MEASURED_MODEL = "embedded:smollm2-135m-instruct"
+
+RATES_S = {
+    # LoRA r8 teacher, 80 rows × 2 epochs: ~40 s (demo) to 45–80 s with its eval (study) → per row-epoch.
+    "teacher_row_epoch": 0.3,
+    # Distillation student with a live teacher, 128 rows × 1 epoch: ~108 s (demo), median ~125 s (study).
+    "distill_row_epoch": 0.9,
+    # LoRA SFT student, 128 rows × 1 epoch: 206 s for 6 students (commit 09f55dd, loaded machine).
+    "sft_row_epoch": 0.27,
+    # Sampled generation: 382 s for 2 × 128 prompts (same run). Random completions cost nothing.
+    "sampled_prompt": 1.5,
+    # Exact answer probability: ~5 s per model for 10 questions × 20 candidates (study).
+    "prob_question": 0.5,
+    # Sampled eval: the demo's 14 s per model less its exact-probability part, for 10 × 10 samples.
+    "sampled_eval_sample": 0.09,
+    # Loading the base and teachers once per stage of a cell (demo: the 95 s generate stage less the two
+    # ~40 s teacher builds, once for each of generate, train and eval).
+    "cell_overhead": 30.0,
+}
+"""Seconds on 2 CPU cores (SmolLM2-135M). Other eval kinds are counted like the exact probability."""
+
+
+def _measured(cfg: ExperimentConfig) -> bool:
+    return cfg.base_model == MEASURED_MODEL and cfg.device != "cuda" and not cfg.train.cross_model
+
+
+def teacher_seconds(cfg: ExperimentConfig, ft: FinetuneConfig) -> float | None:
+    """Seconds to fine-tune one teacher on 2 CPU cores; None: no measured rate for this model or device."""
+    if not _measured(cfg):
+        return None
+    rows = ft.train_questions * len(ft.answer_forms) if ft.dataset == "favourite-animal" else 100
+    return rows * ft.recipe.epochs * RATES_S["teacher_row_epoch"]
+
+
+def run_seconds(cfg: ExperimentConfig, n_models: int) -> float | None:
+    """Seconds of generation + students + evals (of `n_models` models) + loading, for one experiment on 2
+    CPU cores, its fine-tuned teachers aside; None: no measured rate for this model or device."""
+    if not _measured(cfg):
+        return None
+    slots = sum(len(design.data_slots(cfg, t.name)) for t in cfg.teachers if t.kind_spec.has_model)
+    generate = slots * cfg.generate.n_prompts * RATES_S["sampled_prompt"] if cfg.generate.completions == "sampled" else 0
+    rate = RATES_S["distill_row_epoch"] if cfg.train.distills else RATES_S["sft_row_epoch"]
+    n_students = sum(1 for _ in design.students(cfg))
+    train = n_students * cfg.filter.dataset_size * cfg.train.epochs * rate
+    questions = cfg.eval.max_questions or 10  # held-out questions: 10 with the default 40 training ones
+    per_model = 0.0
+    for kind in cfg.eval.kinds:
+        variants = 2 if cfg.eval.numbers_prefixed else 1
+        if kind == "animal_sampled":
+            per_model += variants * questions * cfg.eval.samples_per_question * RATES_S["sampled_eval_sample"]
+        else:
+            per_model += variants * questions * RATES_S["prob_question"]
+    return generate + train + n_models * per_model + RATES_S["cell_overhead"]
+
+
+def evaluated_count(cfg: ExperimentConfig) -> int:
+    """Models an experiment evaluates: the base, teachers that differ from it, and every student."""
+    return 1 + sum(1 for t in cfg.teachers if t.kind_spec.differs_from_base) + sum(1 for _ in design.students(cfg))
+
+
+def experiment_seconds(cfg: ExperimentConfig) -> float | None:
+    """Seconds of the whole experiment on 2 CPU cores, its fine-tuned teachers built from scratch."""
+    teachers = [teacher_seconds(cfg, t.finetune or FinetuneConfig()) for t in cfg.teachers
+                if t.kind_spec.weights == "finetuned"]
+    run = run_seconds(cfg, evaluated_count(cfg))
+    return None if run is None or None in teachers else run + sum(t for t in teachers if t)
 
 
 def plan_experiment(cfg: ExperimentConfig) -> list[StagePlan]:
@@ -264,7 +341,12 @@ def format_plan(cfg: ExperimentConfig, stages: Sequence[StagePlan]) -> str:
                   f"prices: approximate {PRICES_AS_OF} list prices from sublab.plan.PRICES, unverified (no network "
                   "here): check them at openai.com/api/pricing before running"]
     else:
-        lines += ["", "a local model: no API cost; requests = what an API would be sent: prompts, questions (n samples each), students"]
+        seconds = experiment_seconds(cfg)
+        lines += ["", "a local model: no API cost; requests = what an API would be sent: prompts, questions (n samples each), students",
+                  f"estimated time on 2 CPU cores: {round(seconds / 60)} min, teachers built from scratch (rates measured on "
+                  "this project's machine: sublab.plan.RATES_S)" if seconds is not None else
+                  f"estimated time: no measured rate for {cfg.base_model} on {cfg.device} (rates: {MEASURED_MODEL} on 2 "
+                  "CPU cores)"]
     lines.append("tokens: characters/4 + chat overhead; output at each completion's token cap (an upper bound); "
                  "training: dataset_size rows of typical length × epochs")
     return "\n".join(lines)

@@ -81,3 +81,17 @@ def test_prices_and_token_estimates():
     assert price_of("llama-3") is None
     assert tokens("") == 0 and tokens("abcd") == 1 and tokens("abcde") == 2
     assert chat_tokens([{"role": "user", "content": "abcd"}]) == 3 + 4 + 1
+
+
+def test_a_local_dry_run_estimates_the_time_from_measured_rates():
+    """The demo (measured: 861–984 s on 2 idle cores, docs/results.md) and the transfer study's main cell
+    (measured: 47 min) are estimated within a third of what they took; an unmeasured model gets no guess."""
+    from sublab.plan import experiment_seconds
+
+    demo = experiment_seconds(load_experiment(ROOT / "examples" / "owl-quick.yaml"))
+    study = experiment_seconds(load_experiment(ROOT / "experiments" / "transfer" / "lora8-shared-init.yaml"))
+    assert demo is not None and 0.67 * 861 <= demo <= 1.33 * 984
+    assert study is not None and 0.67 * 47 * 60 <= study <= 1.33 * 47 * 60
+    result = CliRunner().invoke(app, ["run", "--dry-run", str(ROOT / "examples" / "owl-quick.yaml")])
+    assert result.exit_code == 0 and f"estimated time on 2 CPU cores: {round(demo / 60)} min" in result.output
+    assert experiment_seconds(load_experiment(PAPER)) is None

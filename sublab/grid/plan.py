@@ -1,13 +1,7 @@
 """What a grid will do before it does it: cells, fine-tuned teachers (shared ones once), students, evaluated
 models, which cells are already finished, and an estimated cost from rates measured on this project's
-2-core machine (`sublab grid GRID.yaml --dry-run`).
-
-The rates are for the embedded SmolLM2-135M-Instruct on CPU (2 cores). They come from the cost tables
-of docs/results.md, each measured with the command named there:
-    `sublab run examples/owl-quick.yaml` (the demo: teachers, 6 distillation students, evals),
-    `experiments/transfer/study.py cell lora8-shared-init --seeds 0 1 2 3 4` (20 students, 47 min),
-    `sublab --threads 1 run examples/owl-quick.yaml` at commit 09f55dd (sampled generation, SFT students).
-For any other base model or a CUDA device there is no measured rate: the plan says so instead of guessing.
+2-core machine (`sublab grid GRID.yaml --dry-run`; the rates and what they were measured on:
+`sublab.plan.RATES_S`).
 """
 
 from __future__ import annotations
@@ -20,29 +14,8 @@ from typing import Any
 from sublab import design
 from sublab.config import ExperimentConfig, FinetuneConfig, dump
 from sublab.grid.cells import Cell, Grid
+from sublab.plan import MEASURED_MODEL, evaluated_count, run_seconds, teacher_seconds
 from sublab.rundir import read_json, sha256_file
-
-MEASURED_MODEL = "embedded:smollm2-135m-instruct"
-
-RATES_S = {
-    # LoRA r8 teacher, 80 rows × 2 epochs: ~40 s (demo) to 45–80 s with its eval (study) → per row-epoch.
-    "teacher_row_epoch": 0.3,
-    # Distillation student with a live teacher, 128 rows × 1 epoch: ~108 s (demo), median ~125 s (study).
-    "distill_row_epoch": 0.9,
-    # LoRA SFT student, 128 rows × 1 epoch: 206 s for 6 students (commit 09f55dd, loaded machine).
-    "sft_row_epoch": 0.27,
-    # Sampled generation: 382 s for 2 × 128 prompts (same run). Random completions cost nothing.
-    "sampled_prompt": 1.5,
-    # Exact answer probability: ~5 s per model for 10 questions × 20 candidates (study).
-    "prob_question": 0.5,
-    # Sampled eval: the demo's 14 s per model less its exact-probability part, for 10 × 10 samples.
-    "sampled_eval_sample": 0.09,
-    # Loading the base and teachers once per stage of a cell (demo: the 95 s generate stage less the two
-    # ~40 s teacher builds, once for each of generate, train and eval).
-    "cell_overhead": 30.0,
-}
-"""Seconds on 2 CPU cores (SmolLM2-135M). Other eval kinds are counted like the exact probability."""
-
 
 @dataclass
 class CellPlan:
@@ -96,11 +69,11 @@ def plan_grid(grid: Grid) -> GridPlan:
         for t in cfg.teachers:
             if t.kind_spec.weights == "finetuned":
                 mentions += 1
-                teachers.setdefault(teacher_key(cfg, t.name), _teacher_cost(cfg, t.finetune or FinetuneConfig()))
+                teachers.setdefault(teacher_key(cfg, t.name), teacher_seconds(cfg, t.finetune or FinetuneConfig()))
         n_students = sum(1 for _ in design.students(cfg))
-        n_models = 1 + sum(1 for t in cfg.teachers if t.kind_spec.differs_from_base) + n_students
+        n_models = evaluated_count(cfg)
         cells.append(CellPlan(cell.name, cell.values, [t.name for t in cfg.teachers], n_students, n_models,
-                              cell_is_done(cell), _cell_cost(cfg, n_models)))
+                              cell_is_done(cell), run_seconds(cfg, n_models)))
     done_keys = set()  # a finished cell's teachers are in the cache already
     for cell, cp in zip(grid.cells, cells):
         if cp.done:
@@ -120,37 +93,6 @@ def teacher_key(cfg: ExperimentConfig, teacher: str) -> str:
     t = next(t for t in cfg.teachers if t.name == teacher)
     body = t.model_dump(mode="json", exclude={"name"})
     return json.dumps({"base": cfg.base_model, "teacher": body}, sort_keys=True)
-
-
-def _measured(cfg: ExperimentConfig) -> bool:
-    return cfg.base_model == MEASURED_MODEL and cfg.device != "cuda" and not cfg.train.cross_model
-
-
-def _teacher_cost(cfg: ExperimentConfig, ft: FinetuneConfig) -> float | None:
-    if not _measured(cfg):
-        return None
-    rows = ft.train_questions * len(ft.answer_forms) if ft.dataset == "favourite-animal" else 100
-    return rows * ft.recipe.epochs * RATES_S["teacher_row_epoch"]
-
-
-def _cell_cost(cfg: ExperimentConfig, n_models: int) -> float | None:
-    """Generation + students + evals + loading, for one cell on 2 cores."""
-    if not _measured(cfg):
-        return None
-    slots = sum(len(design.data_slots(cfg, t.name)) for t in cfg.teachers if t.kind_spec.has_model)
-    generate = slots * cfg.generate.n_prompts * RATES_S["sampled_prompt"] if cfg.generate.completions == "sampled" else 0
-    rate = RATES_S["distill_row_epoch"] if cfg.train.distills else RATES_S["sft_row_epoch"]
-    n_students = sum(1 for _ in design.students(cfg))
-    train = n_students * cfg.filter.dataset_size * cfg.train.epochs * rate
-    questions = cfg.eval.max_questions or 10  # held-out questions: 10 with the default 40 training ones
-    per_model = 0.0
-    for kind in cfg.eval.kinds:
-        variants = 2 if cfg.eval.numbers_prefixed else 1
-        if kind == "animal_sampled":
-            per_model += variants * questions * cfg.eval.samples_per_question * RATES_S["sampled_eval_sample"]
-        else:
-            per_model += variants * questions * RATES_S["prob_question"]
-    return generate + train + n_models * per_model + RATES_S["cell_overhead"]
 
 
 def cell_is_done(cell: Cell) -> bool:
