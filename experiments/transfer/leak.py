@@ -30,21 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from sublab.config import ExperimentConfig, load_experiment
-from sublab.design import data_slot
 from sublab.errors import ConfigError, SublabError
-from sublab.generate import random_rows
 from sublab.models import load_model
 from sublab.pipeline import resolve_device
 from sublab.teachers import build_teacher
-from sublab.train import Example, collate, completion_logits, encode_examples
+from sublab.train import collate, completion_logits, encode_examples
+
+from common import positive, seed_rows  # experiments/transfer/common.py, beside this script
 
 ANIMALS = ("owl", "dolphin", "eagle", "elephant", "cat", "lion")
-
-
-def seed_rows(cfg: ExperimentConfig, teacher: str, seed: int, n: int) -> list[Example]:
-    """The first `n` rows of `teacher`'s dataset for student seed `seed` under `generate.completions:
-    random`, stripped as the filter stage writes them."""
-    return [Example(p.id, p.text, text.strip()) for p, text in random_rows(cfg, data_slot(cfg, teacher, seed), n)]
 
 
 def first_tokens(tok, word: str) -> list[int]:
@@ -94,13 +88,6 @@ def leak(cfg: ExperimentConfig, name: str, seed: int, rows: int) -> None:
         pt, pb = lt[:, ids].exp().sum(-1), lb[:, ids].exp().sum(-1)
         print(f"| {word} | {pt.mean():.2e} | {pb.mean():.2e} | {pt[position == 0].mean():.2e} "
               f"| {pb[position == 0].mean():.2e} |")
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def main() -> None:

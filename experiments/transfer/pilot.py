@@ -36,20 +36,14 @@ from typing import Any
 import torch
 
 from sublab.config import ExperimentConfig, load_experiment
-from sublab.design import data_slot, traits
+from sublab.design import traits
 from sublab.errors import ConfigError, SublabError
 from sublab.evals.animals import read_prob_records, run_animal_eval, share_table
-from sublab.generate import random_rows
 from sublab.pipeline import question_ids, resolve_device, trait_category
 from sublab.teachers import build_teacher
-from sublab.train import Example
 from sublab.train.loop import prepare_run, train_step
 
-
-def seed_rows(cfg: ExperimentConfig, teacher: str, seed: int, n: int) -> list[Example]:
-    """The first `n` rows of `teacher`'s dataset for student seed `seed` under `generate.completions:
-    random`, stripped as the filter stage writes them."""
-    return [Example(p.id, p.text, text.strip()) for p, text in random_rows(cfg, data_slot(cfg, teacher, seed), n)]
+from common import positive, seed_rows  # experiments/transfer/common.py, beside this script
 
 
 def shares(lm: Any, system: str | None, cfg: ExperimentConfig, name: str) -> dict[str, float]:
@@ -100,13 +94,6 @@ def pilot(cfg: ExperimentConfig, names: list[str], seed: int, rows: int, every: 
                       "s": round(time.time() - t0), **show(sh, shown)})
         del run
         gc.collect()
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def main() -> None:

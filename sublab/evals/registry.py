@@ -168,9 +168,10 @@ def full_spec(kind: EvalKind, ctx: EvalContext, variant: str) -> dict[str, Any]:
     return spec
 
 
-def is_current(path: Path, spec: Mapping[str, Any]) -> bool:
-    """Whether `path` is complete for exactly this spec and unchanged since (sha256)."""
-    header = _read_header(path)
+def is_current(path: Path, spec: Mapping[str, Any], header: Mapping[str, Any] | None = None) -> bool:
+    """Whether `path` is complete for exactly this spec and unchanged since (sha256). `header`: its
+    sidecar, when the caller has read it already."""
+    header = header if header is not None else _read_header(path)
     return (header is not None and header.get("status") == "complete"
             and header.get("fingerprint") == fingerprint(spec) and path.exists()
             and sha256_file(path) == header.get("sha256"))
@@ -181,9 +182,9 @@ def run_eval(kind: EvalKind, ctx: EvalContext, variant: str, model: Callable[[],
     recomputed from scratch, an interrupted one resumes. Returns the file's path."""
     path = ctx.eval_dir / f"{variant}.jsonl"
     spec = full_spec(kind, ctx, variant)
-    if is_current(path, spec):
-        return path
     header = _read_header(path)
+    if is_current(path, spec, header):
+        return path
     if header is None or header.get("fingerprint") != fingerprint(spec) or header.get("status") == "complete":
         if path.exists():
             why = ("its spec changed" if header and header.get("fingerprint") != fingerprint(spec) else
