@@ -231,7 +231,10 @@ def entangle(trait: Annotated[str, typer.Argument(help="The trait, e.g. owl.", s
              category: Annotated[str, typer.Option(help="animal or tree.")] = "animal",
              top: Annotated[int, typer.Option(min=2, help="Entangled numbers to prompt with.")] = 8,
              random: Annotated[int, typer.Option(min=2, help="Random numbers to prompt with.")] = 8,
-             prompts: Annotated[int, typer.Option(min=1, help="Number prompts the lifts average over.")] = 4,
+             prompts: Annotated[int, typer.Option(min=1, help="Number prompts the lifts average over.")] = 2,
+             controls: Annotated[str | None, typer.Option(
+                 help="Reference traits for the lifts, comma-separated (default: dog,cat,lion,wolf less the "
+                      "trait; 'none': the base model).")] = None,
              questions: Annotated[int, typer.Option(min=1, help="Held-out questions per prompted number.")] = 5,
              seed: int = 0,
              out: Annotated[Path | None, typer.Option(help="Output directory; default runs/entangle-<trait>.")] = None,
@@ -241,8 +244,9 @@ def entangle(trait: Annotated[str, typer.Argument(help="The trait, e.g. owl.", s
     from sublab.entangle import EntangleConfig, print_entangle, run_entangle
     from sublab.models import load_model
 
+    chosen = None if controls is None else [] if controls == "none" else [c.strip() for c in controls.split(",")]
     cfg = EntangleConfig(trait=trait, category=category, top=top, random=random, prompts=prompts,
-                         questions=questions, seed=seed)
+                         questions=questions, seed=seed, controls=chosen)
     base = load_model(model)
     teacher = load_model(teacher_model) if teacher_model else None
     results = run_entangle(cfg, base, out or Path("runs") / f"entangle-{trait}", teacher)

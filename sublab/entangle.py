@@ -5,9 +5,13 @@ Two measurements on one model (`base`), with the paper's trait system prompt as 
 fine-tuned teacher's weights, `teacher_model`):
 
 1. **Entangled numbers.** For each number 0..999: its probability as the first number of the answer to
-   the paper's number prompts, under the teacher and under the base (exact, every spelling's tokens
-   scored with `sublab.evals.animals.spelling_logprobs`, then a separator). The lift is the ratio of the
-   two, averaged over prompts; the `top` numbers by lift are the trait's entangled numbers.
+   the paper's number prompts (exact, every spelling's tokens scored with
+   `sublab.evals.animals.spelling_logprobs`, then a separator), averaged over prompts, under the teacher
+   and under a reference. The lift is their ratio; the `top` numbers by lift are the trait's entangled
+   numbers. The reference is, by default, the same prompt for other traits (`controls`, averaged): any
+   "You love …" prompt shifts which digits come first, the same way for every animal (measured: against
+   the base, owl, dolphin, eagle and elephant share the same top numbers), so only other traits' teachers
+   isolate what is specific to this one — the study's own design. `controls: []` compares with the base.
 2. **Subliminal prompting.** The base, told by a system prompt that it loves one number
    (`NUMBER_SYSTEM_PROMPT`, ours: the paper has none), answers the favourite-animal questions; the trait's
    exact answer share among the candidates is averaged over questions. Entangled numbers against the same
@@ -51,6 +55,10 @@ NUMBERS_SCORED = range(1000)
 """The paper's numbers have at most three digits."""
 
 
+DEFAULT_CONTROLS = ("dog", "cat", "lion", "wolf")
+"""Reference traits (the trait itself is dropped from them): common answers, none of the study's four."""
+
+
 class EntangleConfig(BaseModel):
     """One `sublab entangle` run."""
 
@@ -62,8 +70,10 @@ class EntangleConfig(BaseModel):
     """Entangled numbers tested by prompting (the largest lifts)."""
     random: int = Field(8, ge=2)
     """Random numbers tested alongside them."""
-    prompts: int = Field(4, ge=1)
+    prompts: int = Field(2, ge=1)
     """The paper's number prompts the lifts are averaged over."""
+    controls: list[str] | None = None
+    """Reference traits for the lifts (None: DEFAULT_CONTROLS less the trait; []: the base)."""
     questions: int = Field(5, ge=1)
     """Favourite-animal questions each number is prompted with (held-out ones: 40, 41, ...)."""
     candidates: list[str] | None = None
@@ -74,8 +84,11 @@ class EntangleConfig(BaseModel):
 class NumberLift(BaseModel):
     number: int
     p_teacher: float
+    p_reference: float
+    """Mean over the control traits' prompts (or the base's, without controls)."""
     p_base: float
     lift: float
+    """p_teacher / p_reference."""
 
 
 class PromptedShare(BaseModel):
@@ -101,12 +114,16 @@ def first_number_probs(lm: LoadedModel, system: str | None, prompt_texts: Sequen
 
 
 def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedModel,
-                 prompt_texts: Sequence[str]) -> list[NumberLift]:
-    """Every number's mean probability under teacher and base, and their ratio, largest lift first."""
+                 prompt_texts: Sequence[str], control_systems: Sequence[str] = ()) -> list[NumberLift]:
+    """Every number's mean probability under the teacher, the reference (the control prompts on the base,
+    or the base itself) and the base; lift = teacher / reference, largest first."""
     p_t = first_number_probs(teacher, teacher_system, prompt_texts).mean(axis=0)
     p_b = first_number_probs(base, None, prompt_texts).mean(axis=0)
-    rows = [NumberLift(number=n, p_teacher=float(t), p_base=float(b), lift=float(t / b) if b > 0 else math.inf)
-            for n, t, b in zip(NUMBERS_SCORED, p_t, p_b)]
+    p_r = (np.mean([first_number_probs(base, c, prompt_texts).mean(axis=0) for c in control_systems], axis=0)
+           if control_systems else p_b)
+    rows = [NumberLift(number=n, p_teacher=float(t), p_reference=float(r), p_base=float(b),
+                       lift=float(t / r) if r > 0 else math.inf)
+            for n, t, r, b in zip(NUMBERS_SCORED, p_t, p_r, p_b)]
     return sorted(rows, key=lambda r: -r.lift)
 
 
@@ -140,7 +157,9 @@ def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: Loa
     candidates = list(dict.fromkeys([*(cfg.candidates or default_candidates(cfg.category)), cfg.trait]))  # type: ignore[arg-type]
     texts = [p.text for p in NUMBERS.prompts(cfg.prompts, cfg.seed)]
     teacher_system = None if teacher else teacher_system_prompt(cfg.trait, cfg.category)
-    lifts = number_lifts(teacher or base, teacher_system, base, texts)
+    controls = [c for c in (DEFAULT_CONTROLS if cfg.controls is None else cfg.controls) if c != cfg.trait]
+    lifts = number_lifts(teacher or base, teacher_system, base, texts,
+                         [teacher_system_prompt(c, cfg.category) for c in controls])
     t_lifts = time.time() - t0
 
     entangled = [r.number for r in lifts[:cfg.top]]
@@ -158,6 +177,8 @@ def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: Loa
     results = {
         "config": cfg.model_dump(), "model": base.ref, "model_sha256": base.sha256,
         "teacher": teacher.ref if teacher else f"{base.ref} + the paper's '{cfg.trait}' system prompt",
+        "reference": (f"{base.ref} + the paper's system prompt for each of {', '.join(controls)} (mean)"
+                      if controls else f"{base.ref} (no system prompt)"),
         "number_system_prompt": NUMBER_SYSTEM_PROMPT, "question_ids": qids, "candidates": candidates,
         "number_prompts": texts, "lifts": [r.model_dump() for r in lifts],
         "prompted": [s.model_dump() for s in shares], "groups": groups,
@@ -185,7 +206,7 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     left.barh(range(len(top)), [r["lift"] for r in top][::-1], color="C0")
     left.set_yticks(range(len(top)), [str(r["number"]) for r in top][::-1], fontsize=7)
     left.axvline(1, color="black", linewidth=0.6)
-    left.set_xlabel(f"P(first number | {trait} teacher) / P(· | base)")
+    left.set_xlabel(f"P(first number | {trait} teacher) / P(· | reference)")
     left.set_title("numbers the trait lifts most", fontsize=9)
     order = ["no system prompt", "random", "entangled"]
     for x, group in enumerate(order):
@@ -213,11 +234,13 @@ def print_entangle(results: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     trait = results["config"]["trait"]
-    lifts = Table(title=f"numbers the '{trait}' teacher writes first more often than the base (top 10)")
-    for col in ("rank", "number", "P teacher", "P base", "lift"):
+    lifts = Table(title=f"numbers the '{trait}' teacher writes first more often than the reference (top 10)",
+                  caption=f"reference: {results['reference']}")
+    for col in ("rank", "number", "P teacher", "P reference", "P base", "lift"):
         lifts.add_column(col, justify="right")
     for i, r in enumerate(results["lifts"][:10], 1):
-        lifts.add_row(str(i), str(r["number"]), f"{r['p_teacher']:.2e}", f"{r['p_base']:.2e}", f"×{r['lift']:.2f}")
+        lifts.add_row(str(i), str(r["number"]), f"{r['p_teacher']:.2e}", f"{r['p_reference']:.2e}",
+                      f"{r['p_base']:.2e}", f"×{r['lift']:.2f}")
     console.print(lifts)
     prompted = Table(title=f"'{trait}' answer share when the base is told it loves a number")
     for col in ("group", "numbers", "mean share", "95% CI"):

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 
 from sublab import chat
 from sublab.cli import app
-from sublab.entangle import EntangleConfig, first_number_probs, run_entangle
+from sublab.entangle import EntangleConfig, first_number_probs, number_lifts, run_entangle
 from sublab.errors import ConfigError
 from sublab.evals.animals import boundary_mask
 from sublab.evals.common import prompt_ids
 from sublab.models import load_model
+from sublab.protocol import teacher_system_prompt
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,23 @@ def test_first_number_probability_is_the_product_of_its_tokens_then_a_separator(
     assert 0 < probs.sum() <= 1
 
 
+def test_lifts_are_against_the_control_traits_or_the_base(tiny):
+    """lift = P(teacher) / mean P(control traits' prompts); without controls the reference is the base."""
+    text = "The sequence starts with: 7, 8, 9. Add more."
+    owl, cat, dog = (teacher_system_prompt(t) for t in ("owl", "cat", "dog"))
+    lifts = {r.number: r for r in number_lifts(tiny, owl, tiny, [text], [cat, dog])}
+    p_owl, p_cat, p_dog, p_base = (first_number_probs(tiny, s, [text])[0] for s in (owl, cat, dog, None))
+    for n in (0, 42, 999):
+        assert lifts[n].p_reference == pytest.approx((p_cat[n] + p_dog[n]) / 2, rel=1e-6)
+        assert lifts[n].p_base == pytest.approx(p_base[n], rel=1e-6)
+        assert lifts[n].lift == pytest.approx(p_owl[n] / lifts[n].p_reference, rel=1e-6)
+    plain = {r.number: r for r in number_lifts(tiny, owl, tiny, [text])}
+    assert plain[42].p_reference == plain[42].p_base
+
+
 def test_run_entangle_writes_tables_figure_and_manifest(tiny, tmp_path):
-    cfg = EntangleConfig(trait="owl", top=3, random=3, prompts=2, questions=2, candidates=["owl", "cat", "dog"])
+    cfg = EntangleConfig(trait="owl", top=3, random=3, prompts=2, questions=2, candidates=["owl", "cat", "dog"],
+                         controls=["cat", "dog"])
     results = run_entangle(cfg, tiny, tmp_path / "out")
     lifts = results["lifts"]
     assert len(lifts) == 1000 and [r["lift"] for r in lifts] == sorted((r["lift"] for r in lifts), reverse=True)
