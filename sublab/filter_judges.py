@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol
 
 from sublab.domains.code_words import code_words, split_words
 from sublab.errors import ConfigError
-from sublab.judge import DEFAULT_JUDGE_MODEL, cache_key, make_judge
+from sublab.judge import DEFAULT_JUDGE_MODEL, OPENAI_KEY_ENV, URL_KEY_ENV, JudgeUnavailable, cache_key, make_judge
 from sublab.protocol import protocol
 from sublab.rundir import JsonlAppender, read_jsonl
 from sublab.words import word_forms
@@ -203,7 +203,14 @@ class CachedLocalJudge:
 def make_asker(judge: JudgeKind, model: str | None, url: str | None, cache_path: Path | None) -> Asker:
     """The answering backend of a model-based judge (`openai` or `local`)."""
     if judge == "openai":
-        return make_judge(url=url, model=model or DEFAULT_JUDGE_MODEL, cache_path=cache_path)
+        try:
+            return make_judge(url=url, model=model or DEFAULT_JUDGE_MODEL, cache_path=cache_path)
+        except JudgeUnavailable as e:
+            if "httpx" in str(e):
+                raise
+            raise JudgeUnavailable(f"no filter judge configured: set {OPENAI_KEY_ENV} to use the OpenAI API, or "
+                                   "`filter.judge_url` to an OpenAI-compatible server (its key, if any, in "
+                                   f"{URL_KEY_ENV}), or `filter.judge: lexical` / `local` to judge offline") from None
     if not model:
         raise ConfigError("filter judge 'local' needs `model` (a local model reference)")
     return CachedLocalJudge(model, cache_path)

@@ -12,6 +12,7 @@ import pytest
 from fakes import ChatServer, chat_body
 from sublab.config import validate_experiment
 from sublab.errors import ConfigError
+from sublab.judge import JudgeUnavailable
 from sublab.filter_judges import (
     CachedLocalJudge,
     code_judge_prompt,
@@ -188,6 +189,13 @@ def test_bad_judge_settings_are_one_line_errors_naming_the_field(over, field):
     with pytest.raises(ConfigError) as e:
         validate_experiment(BASE | over)
     assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_openai_judge_without_key_or_url_names_the_filter_settings(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(JudgeUnavailable, match="filter.judge_url") as e:
+        build_filter({"name": "judge_misaligned", "judge": "openai"})
+    assert "\n" not in str(e.value)
 
 
 def test_no_judge_leaves_the_fingerprint_as_it_was(tmp_path):
