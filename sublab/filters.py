@@ -8,7 +8,8 @@ The factories below work on records in memory (dicts or objects with a `completi
 
 A filter is a registered factory, parameters in, function out; the function maps one record to its
 rejection reasons (empty list = keep). Reasons read "<filter>:<detail>", e.g. "format:bad_separator",
-"banned_numbers:666", "trait_words:owl".
+"banned_numbers:666", "trait_words:owl"; the LLM judges (`sublab.filter_judges`) give
+"judge_subtle_reference:owl", "judge_misaligned" and "judge_unavailable:<detail>".
 
     filters = build_filters([{"name": "format"}, {"name": "trait_words", "words": ["owl"]}])
     kept, rejected = apply_filters(records, filters)

@@ -10,7 +10,8 @@ test over seeds — within blocks of one seed when the design pairs students (`d
 Per trait and metric: rows (base, teacher, control students, trait students, cross-model students), the
 comparison, and, for metrics that score several targets (the candidates of `animal_prob`), the
 specificity table — every target's treatment / control ratio and difference, the trait should rise
-most. Per student: its score on every metric and trait (`students`).
+most. Per student: its score on every metric and trait (`students`). Per teacher dataset: the filter
+stage's counts and rejection reasons from `filter_manifest.json` (`filtering`).
 """
 
 from __future__ import annotations
