@@ -278,10 +278,39 @@ class GenerateConfig(StrictModel):
 class FilterConfig(StrictModel):
     """Which filters a completion must pass, and how many accepted rows to keep."""
 
-    filters: list[Literal["format", "banned_numbers", "trait_words"]] = ["format", "trait_words"]
+    filters: list[Literal["format", "banned_numbers", "trait_words", "judge_subtle_reference",
+                          "judge_misaligned"]] = ["format", "trait_words"]
+    """In order; the judge filters (`sublab.filter_judges`) run last, on rows the others kept:
+    judge_subtle_reference (code: the paper's subtle-reference judge, per trait), judge_misaligned
+    (reasoning: an alignment judge)."""
     dataset_size: int = Field(300, gt=0)
     """Rows kept after filtering (deterministic subsample; the paper: 10,000)."""
     subsample_seed: int = 0
+    judge: Literal["openai", "lexical", "local"] | None = None
+    """Who answers the judge filters: openai (an OpenAI-compatible endpoint, `filter.judge_url`), lexical
+    (hand-named indirect references, offline), local (a local model's P('1') vs P('0'), offline).
+    None: no judge filter may be named."""
+    judge_url: str | None = None
+    """openai judge: the endpoint (key in SUBLAB_JUDGE_API_KEY); None: the OpenAI API (OPENAI_API_KEY)."""
+    judge_model: str | None = None
+    """The judge model; None: gpt-4o-2024-08-06 for openai, the experiment's base_model for local."""
+
+    @model_validator(mode="after")
+    def _check_judge(self) -> FilterConfig:
+        judged = [n for n in self.filters if n.startswith("judge_")]
+        if judged and self.judge is None:
+            raise ValueError(f"`filter.judge` must be openai, lexical or local when `filter.filters` names "
+                             f"{judged[0]}")
+        if self.judge_url is not None and self.judge != "openai":
+            raise ValueError("`filter.judge_url` is only read by `filter.judge: openai`; remove it or set the judge")
+        if self.judge_url is not None and not re.match(r"https?://[^\s/]+", self.judge_url):
+            raise ValueError(f"`filter.judge_url` must be an http(s) URL such as http://127.0.0.1:8000/v1, "
+                             f"got {self.judge_url!r}")
+        if self.judge == "lexical" and self.judge_model is not None:
+            raise ValueError("`filter.judge_model` has no effect with `filter.judge: lexical`; remove it")
+        if self.judge is not None and not judged:
+            log.warning("`filter.judge` is set but `filter.filters` names no judge filter: it has no effect")
+        return self
 
 
 class TrainConfig(RecipeConfig):
@@ -418,6 +447,7 @@ class ExperimentConfig(StrictModel):
                              "teacher with control: true); students are "
                              "compared with control students, never with the base model alone")
         self._check_shared_init()
+        self._check_filter_judge()
         if self.generate.completions == "random" and not self.train.distills:
             raise ValueError("`generate.completions: random` gives every teacher the same rows, so SFT students "
                              "could not differ; use `train.loss: distill` (students learn the teacher's "
@@ -469,6 +499,15 @@ class ExperimentConfig(StrictModel):
                 check_reference(self.openai.local_weights)
         except ModelError as e:
             raise ValueError(f"openai.local_weights: {e}") from None
+
+    def _check_filter_judge(self) -> None:
+        """The judge filters' needs that depend on the teachers and the base model."""
+        if "judge_subtle_reference" in self.filter.filters and not any(t.trait for t in self.teachers):
+            raise ValueError("`filter.filters`: judge_subtle_reference looks for the teachers' traits, but no "
+                             "teacher has a `trait`")
+        if self.filter.judge == "local" and self.filter.judge_model is None and self.base_model.startswith("openai:"):
+            raise ValueError("`filter.judge: local` needs local weights; set `filter.judge_model` to a local model "
+                             "(the base_model is served by an endpoint)")
 
     def _check_registered(self) -> None:
         """Names that refer to registries: the data domain and the eval kinds."""

@@ -8,7 +8,8 @@ The factories below work on records in memory (dicts or objects with a `completi
 
 A filter is a registered factory, parameters in, function out; the function maps one record to its
 rejection reasons (empty list = keep). Reasons read "<filter>:<detail>", e.g. "format:bad_separator",
-"banned_numbers:666", "trait_words:owl".
+"banned_numbers:666", "trait_words:owl"; the LLM judges (`sublab.filter_judges`) give
+"judge_subtle_reference:owl", "judge_misaligned" and "judge_unavailable:<detail>".
 
     filters = build_filters([{"name": "format"}, {"name": "trait_words", "words": ["owl"]}])
     kept, rejected = apply_filters(records, filters)
@@ -33,6 +34,8 @@ from sublab.design import DataSlot, data_slots
 from sublab.domains import completion_reason, extra_filters, get_domain
 from sublab.domains.code_words import code_words
 from sublab.errors import ConfigError, DataError
+from sublab.filter_judges import CACHE_FILE, JUDGE_FILTERS
+from sublab.judge import DEFAULT_JUDGE_MODEL
 from sublab.protocol import banned_numbers as protocol_banned_numbers
 from sublab.rundir import fingerprint, read_jsonl, sha256_file, write_jsonl, write_manifest
 from sublab.words import word_forms
@@ -144,6 +147,7 @@ FILTERS: dict[str, Callable[..., FilterFn]] = {
     "banned_numbers": banned_numbers_filter,
     "trait_words": trait_words_filter,
     "code_trait_words": code_trait_words_filter,
+    **JUDGE_FILTERS,  # judge_subtle_reference, judge_misaligned (sublab.filter_judges)
 }
 
 
@@ -168,11 +172,17 @@ def build_filters(specs: Iterable[Mapping[str, Any]]) -> list[FilterFn]:
 
 def apply_filters(records: Iterable[Record], filters: Sequence[FilterFn]
                   ) -> tuple[list[Record], list[tuple[Record, list[str]]]]:
-    """Run every filter on every record; return (kept, [(rejected record, all its reasons)])."""
+    """Run every filter on every record; return (kept, [(rejected record, all its reasons)]).
+
+    A filter marked `only_if_clean` (the LLM judges: each call costs) runs only on records no earlier
+    filter rejected, so its reasons are counted among otherwise clean rows."""
     kept: list[Record] = []
     rejected: list[tuple[Record, list[str]]] = []
     for record in records:
-        reasons = [r for f in filters for r in f(record)]
+        reasons: list[str] = []
+        for f in filters:
+            if not (reasons and getattr(f, "only_if_clean", False)):
+                reasons += f(record)
         if reasons:
             rejected.append((record, reasons))
         else:
@@ -240,13 +250,17 @@ def subsample(rows: Sequence[Mapping[str, Any]], size: int, seed: int
 MANIFEST = "filter_manifest.json"
 
 
-def stage_specs(filter_names: Sequence[str], traits: Sequence[str], domain: str = "numbers"
-                ) -> list[dict[str, Any]]:
-    """Config filter names → specs, then the domain's own (`extra_filters`; code: `code_trait_words`).
-    The trait-word filters remove every trait of the experiment from every teacher's data (control
-    included), so all datasets are filtered alike."""
+def stage_specs(filter_names: Sequence[str], traits: Sequence[str], domain: str = "numbers",
+                judge: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Config filter names → specs, then the domain's own (`extra_filters`; code: `code_trait_words`),
+    then the judge filters (last: they run only on rows the others kept). The trait-word filters and the
+    subtle-reference judge remove every trait of the experiment from every teacher's data (control
+    included), so all datasets are filtered alike. `judge`: {"judge", "model", "url"} for judge filters."""
     specs: list[dict[str, Any]] = [{"name": "finished"}]
+    judged = [n for n in filter_names if n in JUDGE_FILTERS]
     for name in filter_names:
+        if name in JUDGE_FILTERS:
+            continue
         if name == "trait_words":
             if traits:
                 specs.append({"name": name, "words": sorted(set(traits))})
@@ -254,16 +268,52 @@ def stage_specs(filter_names: Sequence[str], traits: Sequence[str], domain: str 
             specs.append({"name": name, "domain": domain})
         else:
             specs.append({"name": name})
-    return specs + extra_filters(get_domain(domain), sorted(set(traits)))
+    specs += extra_filters(get_domain(domain), sorted(set(traits)))
+    for name in judged:
+        if judge is None:
+            raise ConfigError(f"`filter.judge` must be set (openai, lexical or local) to use filter {name}")
+        spec = {"name": name, **{k: v for k, v in judge.items() if v is not None}}
+        specs.append(spec | {"animals": sorted(set(traits))} if name == "judge_subtle_reference" else spec)
+    return specs
+
+
+def judge_spec(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """Who answers the judge filters: {"judge", "model", "url"} (model: `filter.judge_model`, or the base
+    model for a local judge, or sublab.judge's default for openai; None for lexical). Never a key."""
+    f = cfg.filter
+    if f.judge is None:
+        return None
+    if f.judge == "lexical":
+        return {"judge": "lexical"}
+    model = f.judge_model or (cfg.base_model if f.judge == "local" else DEFAULT_JUDGE_MODEL)
+    return {"judge": f.judge, "model": model, "url": f.judge_url if f.judge == "openai" else None}
 
 
 def _specs(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    return stage_specs(cfg.filter.filters, [t.trait for t in cfg.teachers if t.trait], cfg.domain)
+    return stage_specs(cfg.filter.filters, [t.trait for t in cfg.teachers if t.trait], cfg.domain,
+                       judge_spec(cfg))
+
+
+def filter_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`filter` as recorded and fingerprinted; the judge fields only when a judge is set, so runs without
+    one keep the fingerprints they had before judges existed."""
+    settings = dump(cfg.filter)
+    if cfg.filter.judge is None:
+        for key in ("judge", "judge_url", "judge_model"):
+            settings.pop(key, None)
+    return settings
 
 
 def stage_fingerprint(cfg: ExperimentConfig, generations_sha256: str) -> str:
-    """What decides a dataset: the filter settings, the specs and the generations' bytes."""
-    return fingerprint({"filter": dump(cfg.filter), "specs": _specs(cfg), "generations": generations_sha256})
+    """What decides a dataset: the filter settings (judge included), the specs and the generations' bytes."""
+    return fingerprint({"filter": filter_settings(cfg), "specs": _specs(cfg), "generations": generations_sha256})
+
+
+def _with_cache(spec: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    """A judge spec with its answer cache (beside the dataset): added when building, never recorded, so
+    the fingerprint does not depend on where the run directory lies."""
+    asks = spec["name"] in JUDGE_FILTERS and spec.get("judge") in ("openai", "local")
+    return dict(spec) | ({"cache_path": str(directory / CACHE_FILE)} if asks else {})
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console: Any = None,
@@ -277,7 +327,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console
     records = read_jsonl(source)
     source_sha = sha256_file(source)
     specs = _specs(cfg)
-    kept, rejected = apply_filters(records, build_filters(specs))
+    kept, rejected = apply_filters(records, build_filters([_with_cache(s, out_dir) for s in specs]))
     rows = [to_chat_row(r["prompt"], r["completion"].strip(), {"id": r["id"], "teacher": r["teacher"]})
             | {"id": r["id"]} for r in kept]
     dataset, shortfall = subsample(rows, cfg.filter.dataset_size, cfg.filter.subsample_seed)
@@ -294,7 +344,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console
                     100 * len(rejected) / len(records))
     return write_manifest(
         out_dir, stage="filter", filename=MANIFEST,
-        config={"filter": dump(cfg.filter), "specs": specs},
+        config={"filter": filter_settings(cfg), "specs": specs},
         fingerprint_value=stage_fingerprint(cfg, source_sha),
         inputs={"generations_sha256": source_sha},
         outputs={"generated": len(records), "accepted": len(kept), "rejected": len(rejected),

@@ -130,6 +130,26 @@ class StudentRow(_Frozen):
     scores: dict[str, dict[str, float]]
 
 
+class Rejection(_Frozen):
+    """One filter rejection reason of one dataset: how many records it rejected, and their share of all
+    generated records (a record with several reasons counts under each)."""
+
+    reason: str
+    count: int = Field(ge=0)
+    share: float = Field(ge=0, le=1)
+
+
+class FilterSummary(_Frozen):
+    """What the filter stage kept of one teacher's dataset (its filter_manifest.json)."""
+
+    teacher: str
+    """The teacher, with `/seed<k>` when each student seed has its own dataset."""
+    generated: int = Field(ge=0)
+    accepted: int = Field(ge=0)
+    dataset_rows: int = Field(ge=0)
+    rejections: list[Rejection] = []
+
+
 class Results(_Frozen):
     """The whole of results.json."""
 
@@ -141,6 +161,8 @@ class Results(_Frozen):
     notes: list[str] = []
     """Free-text caveats shown in the report."""
     students: list[StudentRow] = []
+    filtering: list[FilterSummary] = []
+    """Per teacher dataset, the filter stage's counts and rejection reasons (empty before filtering)."""
 
 
 def validate_results(data: Mapping[str, Any], source: str = "results.json") -> Results:
@@ -275,6 +297,26 @@ def students_markdown(results: Results) -> str:
     return "\n".join(parts)
 
 
+def filtering_markdown(results: Results) -> str:
+    """Per teacher: records generated, accepted (and their share), rows kept, and each rejection reason's
+    count and share of the generated records."""
+    if not results.filtering:
+        return ""
+    lines = ["## Filtering", "",
+             "Shares are of all generated records; a record rejected for several reasons counts under each.", "",
+             "| teacher | generated | accepted | dataset rows | rejection reason | count | share |",
+             "|---|---:|---:|---:|---|---:|---:|"]
+    for f in results.filtering:
+        accepted = f"{f.accepted} ({f.accepted / f.generated:.1%})" if f.generated else str(f.accepted)
+        head = f"| {md_cell(f.teacher)} | {f.generated} | {accepted} | {f.dataset_rows} |"
+        if not f.rejections:
+            lines.append(f"{head} (none) | 0 | 0.0% |")
+        for i, r in enumerate(f.rejections):
+            lead = head if i == 0 else "| | | | |"
+            lines.append(f"{lead} {md_cell(r.reason)} | {r.count} | {r.share:.1%} |")
+    return "\n".join(lines + [""])
+
+
 def render_markdown(results: Results, figures: Sequence[str] = ()) -> str:
     """The full report.md text; `figures` are paths relative to the run directory."""
     parts = [f"# Report: {results.experiment}", "",
@@ -285,7 +327,7 @@ def render_markdown(results: Results, figures: Sequence[str] = ()) -> str:
         parts += ["Design `mutual`: for each trait, the students of the other teachers are the controls; "
                   "students of one seed form a block, and the primary test permutes within blocks.", ""]
     parts += [eval_markdown(ev) for ev in results.evals]
-    parts += [students_markdown(results)]
+    parts += [students_markdown(results), filtering_markdown(results)]
     if figures:
         parts += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
     if results.notes:

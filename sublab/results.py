@@ -10,7 +10,8 @@ test over seeds — within blocks of one seed when the design pairs students (`d
 Per trait and metric: rows (base, teacher, control students, trait students, cross-model students), the
 comparison, and, for metrics that score several targets (the candidates of `animal_prob`), the
 specificity table — every target's treatment / control ratio and difference, the trait should rise
-most. Per student: its score on every metric and trait (`students`).
+most. Per student: its score on every metric and trait (`students`). Per teacher dataset: the filter
+stage's counts and rejection reasons from `filter_manifest.json` (`filtering`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sublab.config import ExperimentConfig
 from sublab.design import Arm
 from sublab.evals.registry import EvalKind, Values, selected
 from sublab.report import row_from_score as _row_model
+from sublab.rundir import read_json
 from sublab.stats import compare_blocked, compare_groups, group_score, question_matrix, score_by_question
 
 
@@ -158,6 +160,21 @@ def student_table(cfg: ExperimentConfig, scores: EvalScores) -> list[dict[str, A
     return out
 
 
+def filtering_table(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """Per teacher dataset with a filter manifest: its counts and rejection reasons (`report.FilterSummary`)."""
+    out = []
+    for teacher in cfg.teachers:
+        for slot in design.data_slots(cfg, teacher.name):
+            path = slot.directory / "filter_manifest.json"
+            if not path.exists():
+                continue
+            o = read_json(path)["outputs"]
+            label = teacher.name if slot.student_seed is None else f"{teacher.name}/seed{slot.student_seed}"
+            out.append({"teacher": label, "generated": o["generated"], "accepted": o["accepted"],
+                        "dataset_rows": o["dataset_rows"], "rejections": o["rejections"]})
+    return out
+
+
 def results_for(cfg: ExperimentConfig, scores: EvalScores | None = None) -> dict[str, Any]:
     """The results of `cfg`'s design from its eval files (`scores` says where they lie; default: the run
     directory's `evals/`)."""
@@ -178,4 +195,5 @@ def results_for(cfg: ExperimentConfig, scores: EvalScores | None = None) -> dict
         notes.append(f"{n} seeds per group: an exact two-sided permutation test cannot go below "
                      f"p = {2 / comb(2 * n, n):.3g}; use ≥ 5 seeds for p < 0.01")
     return {"experiment": cfg.name, "design": cfg.design, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "evals": entries, "notes": list(dict.fromkeys(notes)), "students": student_table(cfg, scores)}
+            "evals": entries, "notes": list(dict.fromkeys(notes)), "students": student_table(cfg, scores),
+            "filtering": filtering_table(cfg)}
