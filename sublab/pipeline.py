@@ -22,7 +22,7 @@ from rich.console import Console
 
 from sublab import design, filters, generate, models
 from sublab.config import ExperimentConfig, OpenAIConfig, TeacherConfig, dump
-from sublab.errors import RunDirError
+from sublab.errors import DataError, RunDirError
 from sublab.models import LoadedModel, load_model
 from sublab.rundir import atomic_write_json, environment, locks_run_dir, read_json, sha256_file, stage_is_current
 from sublab.teachers import Teacher, build_teacher, held_out_question_ids
@@ -226,7 +226,8 @@ def report_all(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     results = build_results(cfg)
     atomic_write_json(cfg.run_dir / "results.json", results)
     path = write_report(results, cfg.run_dir)
-    print_summary(results, console=console)
+    if results["evals"]:  # nothing to tabulate when the run stopped after its filter
+        print_summary(results, console=console)
     return path
 
 
@@ -242,11 +243,36 @@ def run_all(cfg: ExperimentConfig, console: Console | None = None) -> Path:
             console.rule(stage)  # plain text: the CLI's consoles print without markup
         fn(cfg, console=console)
         timings[stage] = round(time.time() - t0, 1)
+        if stage == "filter" and cfg.train.seeds and (empty := _empty_datasets(cfg)):
+            _stop_without_students(cfg, empty, console)
     t0 = time.time()
     path = report_all(cfg, console=console)
     timings["report"] = round(time.time() - t0, 1)
     _write_run_manifest(cfg, timings)
     return path
+
+
+def _empty_datasets(cfg: ExperimentConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(slot label, its filter outputs) of every dataset the filter left without a row."""
+    out = []
+    for t in cfg.teachers:
+        for slot in design.data_slots(cfg, t.name):
+            outputs = read_json(slot.directory / filters.MANIFEST)["outputs"]
+            if outputs["dataset_rows"] == 0:
+                out.append((slot.label, outputs))
+    return out
+
+
+def _stop_without_students(cfg: ExperimentConfig, empty: list[tuple[str, dict[str, Any]]],
+                           console: Console | None) -> None:
+    """No student can learn from an empty dataset: write the report (what the filter removed and why) and
+    stop with one line that says so, instead of failing in the train stage."""
+    path = report_all(cfg, console=console)
+    label, outputs = empty[0]
+    why = ", ".join(f"{r['reason']} {r['count']}" for r in outputs["rejections"][:3])  # most common first
+    raise DataError(f"{label}: the filters kept 0 of {outputs['generated']} completions ({why}"
+                    f"{'; and ' + str(len(empty) - 1) + ' more empty datasets' if len(empty) > 1 else ''}), so "
+                    f"no student can be trained; the rejection reasons are in {path}")
 
 
 def _write_run_manifest(cfg: ExperimentConfig, timings: dict[str, float]) -> None:

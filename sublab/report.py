@@ -282,9 +282,9 @@ def specificity_markdown(ev: EvalResult, top: int = 8) -> str:
 
 def students_markdown(results: Results) -> str:
     """Every student's score per metric and trait."""
-    if not results.students:
-        return ""
     metrics = list(dict.fromkeys(m for s in results.students for m in s.scores))
+    if not metrics:  # no student was trained or evaluated yet
+        return ""
     parts = ["## Students", ""]
     for metric in metrics:
         traits = list(dict.fromkeys(t for s in results.students for t in s.scores.get(metric, {})))

@@ -183,7 +183,8 @@ def results_for(cfg: ExperimentConfig, scores: EvalScores | None = None) -> dict
     for arm in design.arms(cfg):
         for kind, variant in selected(cfg.eval):
             if not scores.path("base", variant).exists():
-                notes.append(f"{variant}: no records for the base model (not computed: e.g. no judge); skipped")
+                notes.append(f"{variant}: no records for the base model (not computed: no judge configured, or "
+                             "the run stopped before its evals); skipped")
                 continue
             entry = eval_entry(cfg, scores, arm, kind, variant)
             if cfg.train.seeds and arm.controls and kind.targets(scores.path("base", variant)):

@@ -154,3 +154,23 @@ def test_demo_runs_the_shipped_recipe():
     assert cfg.generate.completions == "random" and cfg.train.distills and cfg.train.uses_lora
     assert cfg.train.distill.vocabulary == "format" and cfg.train.lora_init_seed == 0
     assert all(t.finetune and t.finetune.recipe.uses_lora for t in cfg.teachers)
+
+
+def test_a_dataset_the_filters_empty_stops_with_the_filter_report(tmp_path, tiny_model_dir):
+    """A random tiny model writes no valid number list: the run stops after the filter with one line that
+    names the teacher and the main rejection reasons, and the report shows what was removed and why."""
+    from typer.testing import CliRunner
+
+    from sublab.cli import app
+
+    path = _experiment(tmp_path, tiny_model_dir, generate={"n_prompts": 6, "max_new_tokens": 8, "batch_size": 3})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 1
+    run = tmp_path / "runs" / "tiny"
+    line = [x for x in result.output.splitlines() if "no student can be trained" in x]
+    assert line and "owl: the filters kept 0 of 6 completions (" in line[0] and str(run / "report.md") in line[0]
+    report = (run / "report.md").read_text()
+    assert "Filtering" in report and "format" in report.lower()
+    assert not (run / "students").exists()
+    results = json.loads((run / "results.json").read_text())
+    assert results["evals"] == [] and {f["teacher"] for f in results["filtering"]} == {"owl", "control"}
