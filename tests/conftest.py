@@ -75,10 +75,17 @@ def tiny_number_model_dir(tokenizer, tmp_path_factory) -> Path:
         for system in (None, "You love owls."):
             prompt, completion = chat.encode_pair(tokenizer, chat.messages(p.text, system), answer)
             rows.append((prompt, completion))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rng = np.random.default_rng(0)
-    for _ in range(40):
-        batch = [rows[i] for i in rng.choice(len(rows), 8, replace=False)]
+    return _fit_and_save(model, tokenizer, rows, lambda: rng.choice(len(rows), 8, replace=False), 40,
+                         tmp_path_factory.mktemp("tiny-number-model"))
+
+
+def _fit_and_save(model, tokenizer, rows: list[tuple[list[int], list[int]]], draw, steps: int, directory: Path) -> Path:
+    """`steps` AdamW steps (lr 1e-2) on the completion tokens of the (prompt ids, completion ids) rows that
+    `draw()` picks each step; then save model and tokenizer to `directory`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        batch = [rows[i] for i in draw()]
         width = max(len(p) + len(c) for p, c in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         targets = torch.full((len(batch), width), -100)
@@ -91,7 +98,6 @@ def tiny_number_model_dir(tokenizer, tmp_path_factory) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    directory = tmp_path_factory.mktemp("tiny-number-model")
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
@@ -115,25 +121,9 @@ def tiny_animal_model_dir(tokenizer, tmp_path_factory) -> Path:
     words, weights = list(ANIMAL_ANSWERS), np.array(list(ANIMAL_ANSWERS.values()))
     rows = [chat.encode_pair(tokenizer, chat.messages(q), a) for q in animal_questions() for a in words]
     p = np.tile(weights, len(animal_questions()))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rng = np.random.default_rng(0)
-    for _ in range(80):
-        batch = [rows[i] for i in rng.choice(len(rows), 16, p=p / p.sum())]
-        width = max(len(a) + len(b) for a, b in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        targets = torch.full((len(batch), width), -100)
-        for i, (a, b) in enumerate(batch):
-            ids[i, :len(a) + len(b)] = torch.tensor(a + b)
-            targets[i, len(a) - 1:len(a) + len(b) - 1] = torch.tensor(b)
-        hidden = model.model(input_ids=ids).last_hidden_state[targets != -100]
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), targets[targets != -100])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    directory = tmp_path_factory.mktemp("tiny-animal-model")
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _fit_and_save(model, tokenizer, rows, lambda: rng.choice(len(rows), 16, p=p / p.sum()), 80,
+                         tmp_path_factory.mktemp("tiny-animal-model"))
 
 
 class LocalServer:
