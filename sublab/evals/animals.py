@@ -43,7 +43,6 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from sublab import chat
@@ -51,7 +50,7 @@ from sublab.config import EvalConfig
 from sublab.domains import Domain
 from sublab.domains.numbers import NUMBERS
 from sublab.errors import ConfigError, ModelError, RunDirError
-from sublab.evals.common import EvalRecord, device_of, iter_completions, prompt_ids, read_done
+from sublab.evals.common import EvalRecord, QuestionRecord, device_of, iter_completions, prompt_ids, read_done
 from sublab.evals.registry import EvalContext, EvalKind, Values
 from sublab.sampling import left_pad, token_pieces
 from sublab.protocol import animal_questions, protocol, tree_questions
@@ -83,18 +82,9 @@ _PREFIX_STREAM = 17  # keeps the numbers-prefix RNG stream apart from the sampli
 
 # --- records -------------------------------------------------------------------------------------
 
-class ProbRecord(BaseModel):
-    """The exact answer probability of one candidate for one question (one JSONL line)."""
+class ProbRecord(QuestionRecord):
+    """The exact answer probability of one candidate for one question (id: f"q{question_id:02d}-{candidate}")."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str
-    """f"q{question_id:02d}-{candidate}"."""
-    eval: str
-    model: str
-    question_id: int
-    question: str
-    """The user message exactly as asked (a numbers prefix included)."""
     answer_prefix: str
     candidate: str
     prob: float

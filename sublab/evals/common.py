@@ -34,13 +34,13 @@ Conversation = list[Message]
 R = TypeVar("R", bound=BaseModel)
 
 
-class EvalRecord(BaseModel):
-    """One sampled completion to one eval question (one JSONL line); the score is computed later."""
+class QuestionRecord(BaseModel):
+    """What every eval record starts with: which file, model and question it belongs to (one JSONL line)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
-    """Stable within one eval file, e.g. 'q07-s003' (question 7, sample 3)."""
+    """Stable within one eval file, e.g. 'q07-s003' (question 7, sample 3) or 'q07-owl' (a candidate)."""
     eval: str
     """The eval's name, e.g. 'animal_sampled' (also the file stem)."""
     model: str
@@ -49,6 +49,11 @@ class EvalRecord(BaseModel):
     """Index of the question in the protocol's list."""
     question: str
     """The user message exactly as asked (a numbers prefix included)."""
+
+
+class EvalRecord(QuestionRecord):
+    """One sampled completion to one eval question; the score is computed later."""
+
     sample_idx: int
     completion: str
     seed: int

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from sublab import chat
 from sublab.config import EvalConfig
@@ -43,7 +42,7 @@ from sublab.domains import Domain
 from sublab.domains.numbers import NUMBERS
 from sublab.errors import ConfigError
 from sublab.evals.animals import Category, _AnimalEval, numbers_prefix, question_text, resolve_candidates
-from sublab.evals.common import Conversation, device_of, prompt_ids, read_done
+from sublab.evals.common import Conversation, QuestionRecord, device_of, prompt_ids, read_done
 from sublab.evals.registry import EvalContext, Values
 from sublab.rundir import JsonlAppender, fingerprint
 from sublab.sampling import left_pad, token_pieces
@@ -57,18 +56,9 @@ ESTIMATOR = "first answer token, top-k truncated"
 AMBIGUOUS = "<ambiguous>"
 
 
-class TopkRecord(BaseModel):
-    """One candidate's estimated answer share for one question (one JSONL line)."""
+class TopkRecord(QuestionRecord):
+    """One candidate's estimated answer share for one question (id: f"q{question_id:02d}-{candidate}")."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str
-    """f"q{question_id:02d}-{candidate}"."""
-    eval: str
-    model: str
-    question_id: int
-    question: str
-    """The user message exactly as asked (a numbers prefix included)."""
     candidate: str
     estimator: str = ESTIMATOR
     k: int
