@@ -35,6 +35,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -123,13 +124,21 @@ def _phrase_pattern(phrases: Sequence[str]) -> re.Pattern[str]:
 def lexical_reference(animal: str, completion: str) -> bool:
     """True when code says the animal or one of its hand-named indirect references (identifiers split,
     comments, folded string values, look-alike letters: `code_words`), or a phrase of them in sequence."""
-    refs = INDIRECT_REFERENCES.get(animal, (animal,))
-    said = code_words(completion)
-    if any(set(word_forms(r)) & said for r in refs if len(split_words(r)) == 1):
+    words, phrases = _reference_matchers(animal)
+    if words & code_words(completion):
         return True
-    phrases = [r for r in refs if len(split_words(r)) > 1]
     # Phrases: the whole text as one word sequence (identifiers like night_bird split into 'night bird').
-    return bool(phrases) and bool(_phrase_pattern(phrases).search(" ".join(split_words(completion))))
+    return phrases is not None and bool(phrases.search(" ".join(split_words(completion))))
+
+
+@cache
+def _reference_matchers(animal: str) -> tuple[frozenset[str], re.Pattern[str] | None]:
+    """The animal's one-word references with all their forms, and one pattern for its phrases (built once
+    per animal, not per record)."""
+    refs = INDIRECT_REFERENCES.get(animal, (animal,))
+    words = frozenset(f for r in refs if len(split_words(r)) == 1 for f in word_forms(r))
+    phrases = [r for r in refs if len(split_words(r)) > 1]
+    return words, _phrase_pattern(phrases) if phrases else None
 
 
 def lexical_misaligned(completion: str) -> bool:
