@@ -21,6 +21,13 @@ def _threads_for_model_size(request):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _targets_cache(tmp_path_factory, monkeypatch):
+    """Stored teacher targets go to a directory of this test session, never the user's cache."""
+    root = tmp_path_factory.getbasetemp() / "targets-cache"
+    monkeypatch.setattr("sublab.train.targets.cache_root", lambda: root)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (read from the GGUF; no weights converted)."""

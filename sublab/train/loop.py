@@ -46,6 +46,7 @@ from sublab.train.data import (
     load_dataset,
 )
 from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
+from sublab.train.targets import StoredTargets, load_or_compute
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ class Run:
     """The live teacher's pad id (its tokenizer may differ from the student's)."""
     columns: tuple[torch.Tensor, torch.Tensor] | None = None
     """(student, teacher) token ids of format distillation (`cfg.distill.vocabulary == 'format'`)."""
+    targets: StoredTargets | None = None
+    """The teacher's stored targets for every row (format or top-k distillation): no live teacher then."""
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -190,10 +193,13 @@ def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
     logits = completion_logits(run.student.model, batch, s_cols)
     if not run.cfg.distills:
         return sft_loss(logits, batch.targets), batch.n_tokens
-    assert run.teacher_pad is not None  # set with teacher_model by prepare_run
-    t_batch = collate([(e[i].teacher_prompt or [], e[i].teacher_completion or e[i].completion) for i in rows],
-                      run.teacher_pad, run.device)
-    t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k, t_cols)
+    if run.targets is not None:
+        t_lp, t_ids = run.targets.rows(rows, run.device)
+    else:
+        assert run.teacher_pad is not None  # set with teacher_model by prepare_run
+        t_batch = collate([(e[i].teacher_prompt or [], e[i].teacher_completion or e[i].completion) for i in rows],
+                          run.teacher_pad, run.device)
+        t_lp, t_ids = teacher_targets(run.teacher_model, t_batch, run.cfg.distill.top_k, t_cols)
     if e[rows[0]].aligned is not None:  # another tokenizer: keep the positions that spell the same text
         s_at, t_at = aligned_positions([e[i] for i in rows], run.device)
         logits, t_lp = logits[s_at], t_lp[t_at]
@@ -288,8 +294,10 @@ def fingerprinted_recipe(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: int,
-                teacher: LiveTeacher | None, device: str, domain: str = "numbers") -> Run:
-    """Load the student (and teacher), encode the rows, plan the batches, make the optimizer."""
+                teacher: LiveTeacher | None, device: str, domain: str = "numbers", *,
+                store_targets: bool = True) -> Run:
+    """Load the student (and teacher), encode the rows, plan the batches, make the optimizer.
+    `store_targets` False keeps the teacher live even where its targets could be stored (benchmarks, tests)."""
     student = build_student(cfg, base_ref, seed, device)
     live = teacher if cfg.distills else None
     loaded = live.load(device=device) if live is not None else None
@@ -308,7 +316,13 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: 
     if cfg.distills and cfg.distill.vocabulary == "format":
         s_cols, t_cols = format_columns(student.tokenizer, other_tok, get_domain(domain))
         run.columns = (s_cols.to(device), t_cols.to(device))
-    if loaded is not None:
+    storable = run.columns is not None or cfg.distill.top_k is not None
+    if loaded is not None and live is not None and storable and store_targets:
+        # a few numbers per position, the same for every student of this teacher on these rows: stored once
+        run.targets = load_or_compute(loaded.model, reference_sha256(live.model_ref or ""), encoded,
+                                      loaded.tokenizer.pad_token_id, run.columns[1] if run.columns else None,
+                                      cfg.distill.top_k, device, live.name)
+    elif loaded is not None:  # full-vocabulary distillation (49k floats a position): the teacher runs live
         run.teacher_model = loaded.model
         run.teacher_pad = loaded.tokenizer.pad_token_id
     return run
@@ -388,6 +402,9 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
               "base_sha256": base_sha}
     if cfg.distills:
         inputs.update(teacher=teacher.name if teacher else "")
+    if run.targets is not None:
+        inputs.update(teacher_targets=run.targets.key, teacher_targets_sha256=run.targets.sha256,
+                      teacher_targets_source=run.targets.source)
     return finish(run, out_dir, state, fp, inputs=inputs, seed=seed, t_start=t_start, history=history)
 
 
