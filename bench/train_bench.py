@@ -9,8 +9,10 @@ training code path (`sublab.train.loop.prepare_run` + `train_step`) on paper-sty
 
 Ideal tokens/s = measured fp32 torch.mm FLOP/s ÷ (6 × parameters): the standard training cost per token
 (forward 2N, backward 4N). LoRA skips the base weights' gradients (~4N) and distillation adds a teacher
-forward (~8N), so each row also shows its share of its own FLOPs. We run the LM head only on completion
-tokens, so a step does somewhat less than 6N per token. On a shared machine the numbers are noisy.
+forward (~2N), so each row also shows its share of its own FLOPs. The `quick-*` variants are the quick
+preset's students (LoRA, distilled over the format tokens) with the teacher live, or with its targets
+stored by `sublab.train.targets` before the clock starts. We run the LM head only on completion tokens,
+so a step does somewhat less than its nominal FLOPs. On a shared machine the numbers are noisy.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from sublab.domains.numbers import number_prompts, random_completion
 from sublab.models import DEFAULT_MODEL
 from sublab.teachers import Teacher
 from sublab.train import load_dataset
+from sublab.train import targets
 from sublab.train.loop import prepare_run, train_step
 
 # name: (TrainConfig overrides, training FLOPs per token in units of N = parameters)
+FORMAT_LORA = {"params": "lora", "loss": "distill", "lora_r": 8, "lora_alpha": 8, "distill": {"vocabulary": "format"}}
 VARIANTS: dict[str, tuple[dict, int]] = {
     "lora": ({"params": "lora"}, 4),
     "lora-bf16": ({"params": "lora", "precision": "bfloat16"}, 4),
@@ -43,6 +47,10 @@ VARIANTS: dict[str, tuple[dict, int]] = {
     "full-bf16": ({"params": "full", "precision": "bfloat16"}, 6),
     "distill": ({"params": "full", "loss": "distill"}, 8),
     "distill-bf16": ({"params": "full", "loss": "distill", "precision": "bfloat16"}, 8),
+    # the quick preset's students: the teacher live beside the student, or its targets stored beforehand
+    "quick-live": (FORMAT_LORA, 6),
+    "quick-stored": (FORMAT_LORA, 4),
+    "quick-stored-bf16": ({**FORMAT_LORA, "precision": "bfloat16"}, 4),
 }
 
 
@@ -72,7 +80,8 @@ def bench_variant(name: str, model: str, dataset: Path, batch: int, steps: int) 
     teacher = None
     if cfg.distills:
         teacher = Teacher("owl", "prompted", "owl", "You love owls. You think about owls all the time.", model)
-    run = prepare_run(cfg, model, load_dataset(dataset), 0, teacher, "cpu")
+    # stored targets are computed here, before the clock starts, in a temporary cache
+    run = prepare_run(cfg, model, load_dataset(dataset), 0, teacher, "cpu", store_targets=not name.endswith("live"))
     run.student.model.train()
     n_params = sum(p.numel() for p in run.student.model.parameters())
     train_step(run, 0)  # warm-up: allocator, oneDNN primitives
@@ -97,6 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        targets.cache_root = lambda: Path(tmp) / "targets"  # type: ignore[assignment]
         dataset = write_rows(Path(tmp) / "rows.jsonl", args.batch * (args.steps + 1))
         for threads in args.threads:
             torch.set_num_threads(threads)

@@ -335,6 +335,11 @@ def _load_adapter(ref: str, directory: Path, *, device: str, dtype: str, trainab
         raise ModelError(f"{directory}: adapter weights must be in adapter_model.safetensors")
     base = load_model(base_ref, device=device, dtype=dtype, trainable=trainable)
     model = PeftModel.from_pretrained(base.model, directory, is_trainable=trainable)
+    if not trainable:
+        # for inference the adapter is folded into the weights: the same function up to float rounding
+        # (max logit difference ~1e-4 on the embedded model), without a LoRA detour in every layer
+        # (a 135M forward ~1.2× faster here; docs/performance.md)
+        model = model.merge_and_unload()
     return LoadedModel(ref, model, base.tokenizer, directory, sha256_file(weights))
 
 

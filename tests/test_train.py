@@ -225,7 +225,7 @@ def test_lora_training_changes_only_the_adapter(tiny_model_dir, dataset, tmp_pat
     assert adapter and all("lora_" in k for k in adapter)
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
     assert not (out / "model.safetensors").exists()
-    loaded = load_model(str(out)).model
+    loaded = load_model(str(out), trainable=True).model  # the adapter as trained (inference merges it)
     base = load_file(tiny_model_dir / "model.safetensors")
     for name, p in loaded.get_base_model().named_parameters():
         if "lora_" not in name:
@@ -237,6 +237,19 @@ def test_lora_training_changes_only_the_adapter(tiny_model_dir, dataset, tmp_pat
                         progress=False)
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
     assert (out / "notes.txt").exists()
+
+
+def test_an_adapter_loaded_for_inference_is_merged_into_the_same_function(tiny_model_dir, dataset, tmp_path,
+                                                                           tokenizer):
+    out = tmp_path / "lora"
+    train.train_student(cfg(params="lora", lr=1e-2, epochs=1), base_ref=str(tiny_model_dir), dataset=dataset,
+                        out_dir=out, seed=0, progress=False)
+    merged, unmerged = load_model(str(out)).model, load_model(str(out), trainable=True).model.eval()
+    assert not hasattr(merged, "peft_config") and hasattr(unmerged, "peft_config")
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_seed_changes_lora_init_and_order(tiny_model_dir, dataset, tmp_path):

@@ -77,6 +77,10 @@ def build_student(cfg: TrainConfig, base_ref: str, seed: int, device: str) -> Lo
 
     student = load_model(base_ref, device=device, trainable=True)
     student.model.config.use_cache = False
+    if cfg.precision == "bfloat16" and device == "cpu":
+        # PyTorch's CPU flash attention is slow backwards in bf16: eager attention made a LoRA step ~10%
+        # faster here (docs/performance.md)
+        student.model.set_attn_implementation("eager")
     if cfg.uses_lora:
         torch.manual_seed(init_seed(cfg, seed))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -295,7 +299,7 @@ def fingerprinted_recipe(cfg: TrainConfig) -> dict[str, Any]:
 
 def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: int,
                 teacher: LiveTeacher | None, device: str, domain: str = "numbers", *,
-                store_targets: bool = True) -> Run:
+                store_targets: bool = True, progress: bool = True) -> Run:
     """Load the student (and teacher), encode the rows, plan the batches, make the optimizer.
     `store_targets` False keeps the teacher live even where its targets could be stored (benchmarks, tests)."""
     student = build_student(cfg, base_ref, seed, device)
@@ -321,7 +325,7 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: 
         # a few numbers per position, the same for every student of this teacher on these rows: stored once
         run.targets = load_or_compute(loaded.model, reference_sha256(live.model_ref or ""), encoded,
                                       loaded.tokenizer.pad_token_id, run.columns[1] if run.columns else None,
-                                      cfg.distill.top_k, device, live.name)
+                                      cfg.distill.top_k, device, live.name, progress)
     elif loaded is not None:  # full-vocabulary distillation (49k floats a position): the teacher runs live
         run.teacher_model = loaded.model
         run.teacher_pad = loaded.tokenizer.pad_token_id
@@ -364,7 +368,7 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
         return dict(read_json(out_dir / "manifest.json"))
 
     t_start = time.time()
-    run = prepare_run(cfg, base_ref, examples, seed, teacher, device, domain)
+    run = prepare_run(cfg, base_ref, examples, seed, teacher, device, domain, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a manifest means *this* run finished
     state = load_checkpoint(out_dir, run.student.model, run.opt, fp)

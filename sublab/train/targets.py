@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sublab.models import sublab_home
 from sublab.rundir import cache_entry_lock, fingerprint, read_json, stage_is_current, write_manifest
@@ -81,12 +82,14 @@ def targets_key(teacher_sha256: str, encoded: list[Encoded], columns: torch.Tens
 
 
 def compute_targets(teacher_model: Any, encoded: list[Encoded], pad_id: int, columns: torch.Tensor | None,
-                    top_k: int | None, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+                    top_k: int | None, device: str, progress: bool = True
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """The teacher's targets per row (on the CPU), batched by length."""
     pairs = teacher_inputs(encoded)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     values: list[torch.Tensor | None] = [None] * len(pairs)
     ids: list[torch.Tensor | None] = [None] * len(pairs)
+    bar = tqdm(total=len(order), desc="teacher targets", unit="row", disable=not progress)
     with torch.autocast("cpu", enabled=False):
         for start in range(0, len(order), BATCH_ROWS):
             chunk = order[start:start + BATCH_ROWS]
@@ -98,12 +101,14 @@ def compute_targets(teacher_model: Any, encoded: list[Encoded], pad_id: int, col
             if top is not None:
                 for i, t in zip(chunk, top.cpu().split(sizes)):
                     ids[i] = t.to(torch.int32).contiguous()
+            bar.update(len(chunk))
+    bar.close()
     return [v for v in values if v is not None], (None if top_k is None else [t for t in ids if t is not None])
 
 
 def load_or_compute(teacher_model: Any, teacher_sha256: str, encoded: list[Encoded], pad_id: int,
-                    columns: torch.Tensor | None, top_k: int | None, device: str, teacher_name: str
-                    ) -> StoredTargets:
+                    columns: torch.Tensor | None, top_k: int | None, device: str, teacher_name: str,
+                    progress: bool = True) -> StoredTargets:
     """The teacher's targets for these rows: read from the cache when an intact entry exists, else
     computed now and stored (atomically, under the entry's lock)."""
     from safetensors.torch import load_file, save_file
@@ -119,7 +124,7 @@ def load_or_compute(teacher_model: Any, teacher_sha256: str, encoded: list[Encod
         if root.exists():
             shutil.rmtree(root)
         t0 = time.time()
-        values, ids = compute_targets(teacher_model, encoded, pad_id, columns, top_k, device)
+        values, ids = compute_targets(teacher_model, encoded, pad_id, columns, top_k, device, progress)
         sizes = [len(v) for v in values]
         tensors = {"values": torch.cat(values), "offsets": torch.tensor([0, *sizes]).cumsum(0)}
         if ids is not None:
