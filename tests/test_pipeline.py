@@ -13,7 +13,7 @@ import yaml
 from sublab.config import load_experiment
 from sublab.errors import ConfigError
 from sublab.pipeline import run_all
-from sublab.rundir import read_jsonl
+from sublab.rundir import read_jsonl, sha256_file
 
 
 def _experiment(tmp_path: Path, base: Path, **over) -> Path:
@@ -98,6 +98,7 @@ def _shipped_recipe(tmp_path: Path, base: Path, **train_over) -> Path:
 
 def test_random_completions_with_format_distillation_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("sublab.train.targets.cache_root", lambda: tmp_path / "home" / "targets")
     cfg = load_experiment(_shipped_recipe(tmp_path, tiny_model_dir))
     run_all(cfg)
     run = cfg.run_dir
@@ -109,6 +110,14 @@ def test_random_completions_with_format_distillation_end_to_end(tmp_path, tiny_m
     for name in ("owl-seed0", "owl-seed1", "dolphin-seed0"):
         student = json.loads((run / "students" / name / "manifest.json").read_text())
         assert student["config"]["distill"]["vocabulary"] == "format" and student["config"]["lora_init_seed"] == 0
+    # a teacher's targets on the shared rows are computed for its first student and read by the next
+    # (content-addressed: these toy teachers train to the same adapter bytes, so they share one entry)
+    inputs = {name: json.loads((run / "students" / name / "manifest.json").read_text())["inputs"]
+              for name in ("owl-seed0", "owl-seed1", "dolphin-seed0", "dolphin-seed1")}
+    assert [inputs[n]["teacher_targets_source"] for n in ("owl-seed0", "owl-seed1")] == ["computed", "reused"]
+    assert inputs["dolphin-seed1"]["teacher_targets_source"] == "reused"
+    assert len({i["teacher_targets"] for i in inputs.values()}) == len({
+        sha256_file(p) for p in (tmp_path / "home" / "teachers").glob("*/model/adapter_model.safetensors")})
     prob = next(e for e in json.loads((run / "results.json").read_text())["evals"] if e["metric"] == "animal_prob")
     assert prob["comparison"]["n_treatment"] == 2 and prob["comparison"]["n_control"] == 2
 
