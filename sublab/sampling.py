@@ -88,31 +88,41 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def prefill(model: Any, prompts: Sequence[Sequence[int]], pad: int, kv: Any, share_prefix: bool = True
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run `prompts` into the cache `kv`; returns (last-position logits [B, V], attention mask [B, T],
-    the last prompt token's position [B]).
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""One forward pass that appends to a KV cache: (input ids, attention mask, position ids) → the last
+column's output ([B, V] logits for decoding, [B, H] hidden states for scoring)."""
+
+
+def logits_step(model: Any, kv: Any) -> Step:
+    """`model`'s last-column logits, appending to the cache `kv`."""
+    def step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True,
+                     logits_to_keep=last_position(ids.shape[1], ids.device)).logits[:, -1]
+    return step
+
+
+def prefill(step: Step, kv: Any, prompts: Sequence[Sequence[int]], pad: int, device: torch.device | str,
+            share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run `prompts` into the cache `kv` with `step`; returns (its output for each prompt's last token,
+    the attention mask [B, T] over the cache, the last prompt token's position [B]).
 
     With `share_prefix`, the prefix all prompts share (the chat template's system turn, a teacher's
     system prompt: a third of a number prompt) runs once, for one row, and is copied to every row; then
     only the suffixes run, left-padded. The padding then sits between prefix and suffix, so it is masked
     and every real token keeps the position it has without sharing: the same computation up to float
     rounding."""
-    device = next(model.parameters()).device
     shared = shared_prefix_len(prompts) if share_prefix and len(prompts) > 1 else 0
     if shared:
-        model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), cache=kv, use_cache=True,
-              logits_to_keep=last_position(shared, device))
+        prefix = torch.tensor([list(prompts[0][:shared])], device=device)
+        step(prefix, torch.ones_like(prefix), torch.arange(shared, device=device)[None])
         kv.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=device))  # 1 row → B rows
     ids, mask, positions = left_pad([p[shared:] for p in prompts], pad, device)
     mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=1)  # [ones(prefix) | suffix mask]
     positions = positions + shared
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True,
-                   logits_to_keep=last_position(ids.shape[1], device)).logits[:, -1]
-    return logits, mask, positions[:, -1]
+    return step(ids, mask, positions), mask, positions[:, -1]
 
 
-def last_position(width: int, device: torch.device) -> torch.Tensor:
+def last_position(width: int, device: torch.device | str) -> torch.Tensor:
     """`logits_to_keep` for the last column only, as an index: transformers then gathers a contiguous
     [B, 1, H] and the LM head is one matmul. `logits_to_keep=1` slices a strided view, which the head
     runs as a batched matmul against a copy of the weight per row (~1 s for 64 rows on one CPU thread)."""
@@ -135,7 +145,8 @@ def decode_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     device = next(model.parameters()).device
     rows = list(range(len(prompts))) if rows is None else list(rows)
     kv = DynamicCache()
-    logits, mask, last = prefill(model, prompts, tokenizer.pad_token_id, kv, share_prefix)
+    step = logits_step(model, kv)
+    logits, mask, last = prefill(step, kv, prompts, tokenizer.pad_token_id, device, share_prefix)
     index = torch.tensor(rows, device=device)
     if len(rows) != len(prompts) or rows != list(range(len(prompts))):
         kv.batch_select_indices(index)  # [n_prompts] → [n_rows]: samples share their prompt's prefill
@@ -171,6 +182,5 @@ def decode_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
             live, tokens = [live[j] for j in keep], [tokens[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         last = last + 1
-        logits = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                       position_ids=last[:, None], cache=kv, use_cache=True).logits[:, -1]
+        logits = step(torch.tensor(tokens, device=device)[:, None], mask, last[:, None])
     return list(zip(out, reasons))

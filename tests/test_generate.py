@@ -81,14 +81,14 @@ def test_prefix_sharing_prefills_the_same_logits(tokenizer, tiny_model_dir):
     from transformers import DynamicCache
 
     from sublab.models import load_model
-    from sublab.sampling import prefill, shared_prefix_len
+    from sublab.sampling import logits_step, prefill, shared_prefix_len
 
     lm = load_model(str(tiny_model_dir))
     prompts = _chat_prompts(tokenizer, 5)
     assert len({len(p) for p in prompts}) > 1 and shared_prefix_len(prompts) > 10
     with torch.inference_mode():
-        shared = prefill(lm.model, prompts, tokenizer.pad_token_id, DynamicCache(), share_prefix=True)
-        plain = prefill(lm.model, prompts, tokenizer.pad_token_id, DynamicCache(), share_prefix=False)
+        shared, plain = (prefill(logits_step(lm.model, kv), kv, prompts, tokenizer.pad_token_id, "cpu", share)
+                         for kv, share in ((DynamicCache(), True), (DynamicCache(), False)))
     assert torch.allclose(shared[0], plain[0], atol=1e-5)
     assert shared[2].tolist() == plain[2].tolist() == [len(p) - 1 for p in prompts]
 
