@@ -330,7 +330,10 @@ def _spelling_head(base: Any, hidden: torch.Tensor, trie: _Trie, boundary: torch
     lse = []  # per chunk of rows: [all tokens, boundary tokens]
     for rows in hidden.reshape(-1, hidden.shape[-1]).split(_HEAD_ROWS):
         logits = _softcap(head(rows).float(), cap)
-        lse.append(torch.stack([torch.logsumexp(logits, -1), torch.logsumexp(logits[:, ends], -1)], -1))
+        end = torch.logsumexp(logits[:, ends], -1)
+        top = logits.amax(-1, keepdim=True)
+        every = logits.sub_(top).exp_().sum(-1).log_() + top[:, 0]  # logsumexp in place: no [rows, V] temporary
+        lse.append(torch.stack([every, end], -1))
     log_z, log_end = torch.cat(lse).view(*hidden.shape[:2], 2).unbind(-1)  # [B, 1 + N] each
     cols, tokens = trie.parent_col.to(hidden.device), trie.tokens.to(hidden.device)
     own = (hidden[:, cols] * head.weight[tokens]).sum(-1)
