@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from flops import matmul_flops
 from sublab import chat
 from sublab.config import EvalConfig
 from sublab.evals import animals as A
@@ -32,17 +33,6 @@ from sublab.models import DEFAULT_MODEL, load_model
 
 PROBE_20 = ["owl", "dog", "cat", "lion", "eagle", "dolphin", "elephant", "wolf", "tiger", "panda", "fox",
             "penguin", "bear", "horse", "rabbit", "bird", "butterfly", "monkey", "giraffe", "dragon"]
-
-
-def matmul_flops(size: int = 1024, seconds: float = 1.5) -> float:
-    """Sustained FLOP/s of a square fp32 torch.mm."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, b)
-        n += 1
-    return 2 * size ** 3 * n / (time.perf_counter() - t0)
 
 
 def prob_positions(lm, cfg: EvalConfig, qids: list[int], numbers: bool) -> int:
@@ -88,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     load = os.getloadavg()[0]
-    flops = matmul_flops()
+    flops = matmul_flops(torch.float32, 1024, 1.5)
     lm = load_model(args.model)
     n_params = sum(p.numel() for p in lm.model.parameters())
     cfg = EvalConfig(candidates=PROBE_20, samples_per_question=args.samples)

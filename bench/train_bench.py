@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flops import matmul_flops  # noqa: E402 (bench/ is on sys.path: this file runs as a script)
+
 from sublab.config import TrainConfig
 from sublab.domains.numbers import number_prompts, random_completion
 from sublab.models import DEFAULT_MODEL
@@ -52,17 +54,6 @@ VARIANTS: dict[str, tuple[dict, int]] = {
     "quick-stored": (FORMAT_LORA, 4),
     "quick-stored-bf16": ({**FORMAT_LORA, "precision": "bfloat16"}, 4),
 }
-
-
-def matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
-    """Sustained FLOP/s of a square torch.mm."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, b)
-        n += 1
-    return 2 * size ** 3 * n / (time.perf_counter() - t0)
 
 
 def write_rows(path: Path, n: int) -> Path:

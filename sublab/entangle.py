@@ -128,9 +128,10 @@ def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedM
 
 
 def prompted_shares(base: LoadedModel, systems: Sequence[str | None], trait: str, question_ids: Sequence[int],
-                    candidates: Sequence[str], category: str, batch_size: int = 16) -> list[float]:
+                    candidates: Sequence[str], category: str, batch_size: int | None = None) -> list[float]:
     """Per system prompt: the trait's exact answer share among `candidates`, mean over the questions (all
-    system prompts × questions go through the model in batches)."""
+    system prompts × questions go through the model in batches of `batch_size`; None: one system prompt's
+    questions per pass, so its system turn runs once for them)."""
     prefix = ANSWER_PREFIX.format(category=category)
     encoded = encode_candidates(base.tokenizer, candidates, prefix)
     qs = questions(category)  # type: ignore[arg-type]
@@ -138,7 +139,7 @@ def prompted_shares(base: LoadedModel, systems: Sequence[str | None], trait: str
                for system in systems for q in question_ids]
     index = list(candidates).index(trait)
     shares = []
-    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=batch_size):
+    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=batch_size or len(question_ids)):
         totals = [sum(v.values()) for v in per_cand]
         shares.append(totals[index] / sum(totals))
     return np.asarray(shares).reshape(len(systems), len(question_ids)).mean(axis=1).tolist()

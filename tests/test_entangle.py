@@ -26,17 +26,19 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
-def test_first_number_probability_is_the_product_of_its_tokens_then_a_separator(tiny):
-    """P('42' then a word boundary) from the trie pass equals the chained next-token probabilities."""
-    text = "The sequence starts with: 1, 2, 3. Add more."
-    probs = first_number_probs(tiny, None, [text])[0]
-    ids = prompt_ids(tiny.tokenizer, chat.messages(text))
-    digits = tiny.tokenizer("42", add_special_tokens=False).input_ids
+@pytest.mark.parametrize("number", [0, 7, 42, 420, 999])
+def test_first_number_probability_is_the_product_of_its_tokens_then_a_separator(tiny, number):
+    """P(n then a word boundary) from the trie pass equals the chained next-token probabilities, for
+    leaves (0, 420, 999) and inner nodes (7, 42), with two prompts (a shared prefix) in the pass."""
+    texts = ["The sequence starts with: 1, 2, 3. Add more.", "Continue: 5, 6. Add up to 10 more numbers."]
+    probs = first_number_probs(tiny, None, texts)[0]
+    ids = prompt_ids(tiny.tokenizer, chat.messages(texts[0]))
+    digits = tiny.tokenizer(str(number), add_special_tokens=False).input_ids
     with torch.no_grad():
         logp = torch.log_softmax(tiny.model(torch.tensor([ids + digits])).logits[0].double(), -1)
     lp = sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(digits))
     end = torch.logsumexp(logp[len(ids) + len(digits) - 1, boundary_mask(tiny.tokenizer)], -1).item()
-    assert probs[42] == pytest.approx(np.exp(lp + end), rel=1e-4)
+    assert probs[number] == pytest.approx(np.exp(lp + end), rel=1e-4)
     assert 0 < probs.sum() <= 1
 
 

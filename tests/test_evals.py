@@ -84,9 +84,11 @@ def test_spelling_probabilities_match_brute_force(sharp, monkeypatch):
     prompts.append(prompt_ids(sharp.tokenizer, chat.messages("Hi", "Be brief."), PREFIX))
     want = [[{v: brute_force_prob(sharp, p, ids) for v, ids in zip(c.variants, c.token_ids)} for c in cands]
             for p in prompts]
-    for batch_size, head_rows in ((1, 512), (10_000, 512), (10_000, 1)):
-        # one prompt per pass; all four in one left-padded pass; and the LM head one prompt at a time
+    for batch_size, head_rows, leaf_chunk in ((1, 512, 128), (10_000, 512, 128), (10_000, 1, 3)):
+        # one prompt per pass; all four in one pass (a shared prefix, left-padded suffixes); and the LM
+        # head one row at a time, with the trie's leaves in chunks of 3 (the last one padded)
         monkeypatch.setattr(A, "_HEAD_ROWS", head_rows)
+        monkeypatch.setattr(A, "_LEAF_CHUNK", leaf_chunk)
         out = A.answer_probabilities(sharp, prompts, cands, batch_size=batch_size)
         for got_q, want_q in zip(out, want):
             for got, w in zip(got_q, want_q):

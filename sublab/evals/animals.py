@@ -52,7 +52,7 @@ from sublab.domains.numbers import NUMBERS
 from sublab.errors import ConfigError, ModelError, RunDirError
 from sublab.evals.common import EvalRecord, QuestionRecord, device_of, iter_completions, prompt_ids, read_done
 from sublab.evals.registry import EvalContext, EvalKind, Values
-from sublab.sampling import left_pad, token_pieces
+from sublab.sampling import prefill, token_pieces
 from sublab.protocol import animal_questions, protocol, tree_questions
 from sublab.rundir import JsonlAppender, fingerprint, read_jsonl
 from sublab.stats import Score, score_by_question
@@ -206,8 +206,9 @@ class _Trie(NamedTuple):
     children)."""
     tokens: torch.Tensor  # [N] each node's last token
     depth: torch.Tensor  # [N] 1 for a first token
-    parent_col: torch.Tensor  # [N] logits column predicting the node: 0 = the prompt's last, 1 + parent
+    parent_col: torch.Tensor  # [N] column predicting the node: 0 = the prompt's last token, 1 + parent
     ancestors: torch.Tensor  # [N, N] bool: node i's ancestors and itself (row i)
+    inner: torch.Tensor  # [N] bool: the node is some node's parent
 
 
 def _trie(seqs: Sequence[tuple[int, ...]]) -> _Trie:
@@ -217,24 +218,63 @@ def _trie(seqs: Sequence[tuple[int, ...]]) -> _Trie:
     for i, n in enumerate(nodes):
         for d in range(1, len(n) + 1):
             anc[i, index[n[:d]]] = True
+    inner = torch.zeros(len(nodes), dtype=torch.bool)
+    inner[[index[n[:-1]] for n in nodes if len(n) > 1]] = True
     return _Trie(nodes, torch.tensor([n[-1] for n in nodes]), torch.tensor([len(n) for n in nodes]),
-                 torch.tensor([0 if len(n) == 1 else 1 + index[n[:-1]] for n in nodes]), anc)
+                 torch.tensor([0 if len(n) == 1 else 1 + index[n[:-1]] for n in nodes]), anc, inner)
 
 
-def _tree_mask(prompt_mask: torch.Tensor, ancestors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask [B, 1, T, T] for left-padded prompts followed by the packed trie nodes: a
-    prompt token sees the real prompt tokens before it; a node sees the whole real prompt, its ancestors
-    and itself; a padding position sees only itself (so no row is empty)."""
-    b, p = prompt_mask.shape
-    n = ancestors.shape[0]
-    real = prompt_mask.bool()
-    allowed = torch.zeros(b, p + n, p + n, dtype=torch.bool, device=real.device)
-    allowed[:, :p, :p] = torch.tril(torch.ones(p, p, dtype=torch.bool, device=real.device)) & real[:, None, :]
-    allowed[:, p:, :p] = real[:, None, :]
-    allowed[:, p:, p:] = ancestors.to(real.device)
-    allowed |= torch.eye(p + n, dtype=torch.bool, device=real.device)
-    zero = torch.zeros((), dtype=dtype, device=real.device)
+def _node_mask(prompt_mask: torch.Tensor, cached: torch.Tensor, own: torch.Tensor, dtype: torch.dtype
+               ) -> torch.Tensor:
+    """Additive attention mask [R, 1, S, W + C + S] for S trie nodes run after a cache of [W prompt
+    columns | C nodes]: a node sees the real prompt tokens (`prompt_mask` [R, W]), its ancestors among
+    the cached nodes (`cached` [R or 1, S, C]) and among the S nodes run with it, itself included (`own`
+    [R or 1, S, S])."""
+    r, s = prompt_mask.shape[0], own.shape[-1]
+    allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(r, s, -1), cached.expand(r, -1, -1),
+                         own.expand(r, -1, -1)], dim=-1)
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+_LEAF_CHUNK = 128
+"""Leaves run per chunk of at most this many, each chunk attending to its own copy of [prompt | inner
+nodes]: attention then costs leaves × (prompt + inner + chunk), not nodes × (prompt + nodes). For the
+1000 numbers' trie (99 inner nodes, 901 leaves) that is about a third."""
+
+
+def _trie_hidden(decoder: Any, kv: Any, prompt_mask: torch.Tensor, last: torch.Tensor, trie: _Trie,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Final hidden states [B, N, H] of every trie node after each prompt already in the cache `kv`
+    (prompt B's real tokens marked by `prompt_mask` [B, W], its last position `last` [B]). A node sits at
+    the position it would have in its own sequence and attends to the prompt and its ancestors only
+    ("tree attention"). Consumes `kv`."""
+    device = prompt_mask.device
+    b, n = prompt_mask.shape[0], len(trie.nodes)
+    anc, tokens, depth = trie.ancestors.to(device), trie.tokens.to(device), trie.depth.to(device)
+    inner, leaves = trie.inner.to(device).nonzero()[:, 0], (~trie.inner).to(device).nonzero()[:, 0]
+    out: torch.Tensor | None = None
+    if len(inner):  # the inner nodes, once per prompt; they stay in the cache for their descendants
+        h = decoder(input_ids=tokens[inner].expand(b, -1),
+                    attention_mask=_node_mask(prompt_mask, anc[inner][:, :0][None], anc[inner][:, inner][None], dtype),
+                    position_ids=last[:, None] + depth[inner], cache=kv, use_cache=True).last_hidden_state
+        out = h.new_empty(b, n, h.shape[-1])
+        out[:, inner] = h
+    # The leaves: k chunks side by side in the batch, row i * k + c = prompt i, chunk c (the last chunk
+    # padded by repeating a leaf, whose copies are dropped).
+    k = -(-len(leaves) // _LEAF_CHUNK)
+    size = -(-len(leaves) // k)
+    chunks = torch.cat([leaves, leaves[-1:].expand(k * size - len(leaves))]).view(k, size)
+    kv.batch_select_indices(torch.arange(b, device=device).repeat_interleave(k))
+    h = decoder(input_ids=tokens[chunks].repeat(b, 1),
+                attention_mask=_node_mask(prompt_mask.repeat_interleave(k, 0), anc[chunks][:, :, inner].repeat(b, 1, 1),
+                                          torch.eye(size, dtype=torch.bool, device=device)[None], dtype),
+                position_ids=last.repeat_interleave(k)[:, None] + depth[chunks].repeat(b, 1),
+                cache=kv, use_cache=True).last_hidden_state
+    if out is None:
+        out = h.new_empty(b, n, h.shape[-1])
+    out[:, leaves] = h.reshape(b, k * size, -1)[:, :len(leaves)]
+    return out
 
 
 @torch.inference_mode()
@@ -242,49 +282,67 @@ def spelling_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int
                       seqs: Sequence[tuple[int, ...]]) -> np.ndarray:
     """log P(the answer continues with token sequence s and then a word boundary), [len(prompts), len(seqs)].
 
-    One forward pass for all `prompts`: each (left-padded) prompt is followed by every node of the
-    sequences' token trie, packed into the same row ("tree attention": a node attends to the prompt and
-    its own ancestors only, at the position it would have in its own sequence). So every distinct token
-    prefix costs one position, the prompt is run once, and no KV cache is copied. The LM head runs in
-    chunks of rows, so memory does not grow with vocabulary × questions.
+    The prompts run once into a KV cache (their shared prefix once for all, `sublab.sampling.prefill`);
+    then every node of the sequences' token trie runs once per prompt, attending to the prompt and its
+    own ancestors only (`_trie_hidden`). So every distinct token prefix costs one position. The LM head
+    runs in chunks of rows, so memory does not grow with vocabulary × questions.
     """
+    from transformers import DynamicCache
+
     attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     if attn not in ("sdpa", "eager"):
         raise ModelError(f"the exact-probability eval needs custom attention masks, which attention "
                          f"implementation '{attn}' does not support; load the model with sdpa or eager")
     device = device_of(model)
     trie = _trie(seqs)
-    n = len(trie.nodes)
-    ids, mask, pos = left_pad(prompts, tokenizer.pad_token_id, device)
-    lengths = mask.sum(-1, keepdim=True)  # [B, 1] real prompt lengths
-    node_ids = trie.tokens.to(device).expand(len(prompts), n)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay in
-    hidden = base.get_decoder()(
-        input_ids=torch.cat([ids, node_ids], 1),
-        attention_mask=_tree_mask(mask, trie.ancestors, next(model.parameters()).dtype),
-        position_ids=torch.cat([pos, lengths - 1 + trie.depth.to(device)], 1),
-        use_cache=False).last_hidden_state[:, -(n + 1):]  # [B, 1 + N, H]: column 0 predicts the first token
-    boundary = boundary_mask(tokenizer).to(device)
-    cols = trie.parent_col.to(device)
-    token_lp, end_lp = [], []
-    for rows in torch.split(torch.arange(len(prompts), device=device), max(1, _HEAD_ROWS // (n + 1))):
-        logp = torch.log_softmax(_lm_head(base, hidden[rows]), dim=-1)  # [b, 1 + N, V]
-        token_lp.append(logp[:, cols, :].gather(-1, node_ids[rows, :, None]).squeeze(-1))  # log P(node | parent)
-        end_lp.append(torch.logsumexp(logp[:, 1:, boundary], dim=-1))  # log P(boundary | node)
+    decoder, kv = base.get_decoder(), DynamicCache()
+
+    def step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return decoder(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv,
+                       use_cache=True).last_hidden_state[:, -1]
+
+    first, mask, last = prefill(step, kv, prompts, tokenizer.pad_token_id, device)
+    nodes = _trie_hidden(decoder, kv, mask, last, trie, next(model.parameters()).dtype)
+    token_lp, end_lp = _spelling_head(base, torch.cat([first[:, None], nodes], 1), trie,
+                                      boundary_mask(tokenizer).to(device))
     # log P(node) = sum of its ancestors' (and its own) token log-probs.
-    node_lp = torch.cat(token_lp).double() @ trie.ancestors.to(device).double().T
-    total = node_lp + torch.cat(end_lp).double()
+    node_lp = token_lp.double() @ trie.ancestors.to(device).double().T
+    total = node_lp + end_lp.double()
     index = {s: i for i, s in enumerate(trie.nodes)}
     return total[:, [index[s] for s in seqs]].cpu().numpy()
 
 
-_HEAD_ROWS = 512  # logit rows per LM-head chunk: 512 × 49k vocabulary × 4 bytes ≈ 100 MB
+_HEAD_ROWS = 128  # logit rows per LM-head chunk: 128 × 49k vocabulary × 4 bytes ≈ 25 MB
 
 
-def _lm_head(base: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Float32 logits from final hidden states, as the model's own forward computes them."""
-    logits = base.get_output_embeddings()(hidden).float()
+def _spelling_head(base: Any, hidden: torch.Tensor, trie: _Trie, boundary: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P(node | its parent) [B, N], log P(a boundary token | node) [B, N]) from the hidden states
+    [B, 1 + N, H] of the prompt's last token (column 0) and of the nodes.
+
+    Float32, as the model's own forward computes logits. Per column only two logsumexps are kept (all
+    tokens, boundary tokens), and a node's own logit is one dot product of its parent column's hidden
+    state with its token's output embedding: no [B, N, V] log-softmax is materialised or gathered."""
+    head = base.get_output_embeddings()
     cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2/3
+    ends = boundary.nonzero()[:, 0]
+    lse = []  # per chunk of rows: [all tokens, boundary tokens]
+    for rows in hidden.reshape(-1, hidden.shape[-1]).split(_HEAD_ROWS):
+        logits = _softcap(head(rows).float(), cap)
+        end = torch.logsumexp(logits[:, ends], -1)
+        top = logits.amax(-1, keepdim=True)
+        every = logits.sub_(top).exp_().sum(-1).log_() + top[:, 0]  # logsumexp in place: no [rows, V] temporary
+        lse.append(torch.stack([every, end], -1))
+    log_z, log_end = torch.cat(lse).view(*hidden.shape[:2], 2).unbind(-1)  # [B, 1 + N] each
+    cols, tokens = trie.parent_col.to(hidden.device), trie.tokens.to(hidden.device)
+    own = (hidden[:, cols] * head.weight[tokens]).sum(-1)
+    if head.bias is not None:
+        own = own + head.bias[tokens]
+    return _softcap(own.float(), cap) - log_z[:, cols], (log_end - log_z)[:, 1:]
+
+
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 

@@ -45,7 +45,7 @@ from sublab.evals.animals import Category, _AnimalEval, numbers_prefix, question
 from sublab.evals.common import Conversation, QuestionRecord, device_of, prompt_ids, read_done
 from sublab.evals.registry import EvalContext, Values
 from sublab.rundir import JsonlAppender, fingerprint
-from sublab.sampling import left_pad, token_pieces
+from sublab.sampling import last_position, left_pad, token_pieces
 from sublab.words import plural
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,9 @@ def iter_first_token_top(lm: Any, conversations: Sequence[Conversation], k: int 
 def _local_top(lm: Any, conversations: Sequence[Conversation], k: int | None) -> list[list[tuple[str, float]]]:
     tok, model = lm.tokenizer, lm.model
     ids, mask, pos = left_pad([prompt_ids(tok, c) for c in conversations], tok.pad_token_id, device_of(model))
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float(), -1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   logits_to_keep=last_position(ids.shape[1], ids.device)).logits[:, -1]  # the head on 1 column
+    logp = torch.log_softmax(logits.float(), -1)
     pieces = token_pieces(tok)
     values, order = logp.topk(k) if k is not None else logp.sort(dim=-1, descending=True)
     return [[(pieces[t], float(v)) for v, t in zip(vs.tolist(), ts.tolist())] for vs, ts in zip(values, order)]
