@@ -50,8 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sublab.config import EvalConfig, TrainConfig, preset
 from sublab.errors import ConfigError, DataError
-from sublab.rundir import (atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint, read_json,
-                           sha256_file, write_jsonl, write_manifest)
+from sublab.rundir import (atomic_write_bytes, atomic_write_json, atomic_write_text, cache_entry_lock,
+                           fingerprint, read_json, sha256_file, write_jsonl, write_manifest)
 from sublab.stats import compare_groups, t_interval
 from sublab.train.data import Encoded, Example, encode_examples, load_dataset
 from sublab.train.targets import StoredTargets, from_tensors
@@ -289,14 +289,16 @@ def probe_shares(cfg: AuditConfig, rows_path: Path, targets: StoredTargets, seed
     from sublab.train.loop import train_student
 
     out_dir = probe_root / f"{targets.sha256[:16]}-seed{seed}"
-    manifest = train_student(cfg.recipe, base_ref=cfg.base, dataset=rows_path, out_dir=out_dir, seed=seed,
-                             device=device, progress=False, targets=targets)
-    eval_cfg = EvalConfig(kinds=["animal_prob"], candidates=list(cfg.candidates), numbers_prefixed=False)
-    path = out_dir / f"animal_prob-{fingerprint([manifest['fingerprint'], cfg.candidates, cfg.question_ids])}.jsonl"
-    if not path.exists() or len(read_prob_records(path)) < len(cfg.candidates) * len(cfg.question_ids):
-        lm = load_model(str(out_dir), device=device)
-        lm.model.eval()
-        run_animal_eval(lm, None, eval_cfg, "animal_prob", cfg.question_ids, path, out_dir.name, "animal")
+    with cache_entry_lock(out_dir):  # audits running side by side train a shared (control) probe once
+        manifest = train_student(cfg.recipe, base_ref=cfg.base, dataset=rows_path, out_dir=out_dir, seed=seed,
+                                 device=device, progress=False, targets=targets)
+        eval_cfg = EvalConfig(kinds=["animal_prob"], candidates=list(cfg.candidates), numbers_prefixed=False)
+        key = fingerprint([manifest["fingerprint"], cfg.candidates, cfg.question_ids])
+        path = out_dir / f"animal_prob-{key}.jsonl"
+        if not path.exists() or len(read_prob_records(path)) < len(cfg.candidates) * len(cfg.question_ids):
+            lm = load_model(str(out_dir), device=device)
+            lm.model.eval()
+            run_animal_eval(lm, None, eval_cfg, "animal_prob", cfg.question_ids, path, out_dir.name, "animal")
     table = share_table(read_prob_records(path))
     return {c: table[c].mean for c in cfg.candidates}
 

@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--blind-seed", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/audit-validate"))
+    parser.add_argument("--reverse", action="store_true",
+                        help="Audit the datasets in reverse order: a second worker beside the first (probes "
+                             "are locked, so a shared one is trained once; finished audits are skipped).")
     parser.add_argument("--report-only", action="store_true",
                         help="Only unseal the key and tabulate the audits that have finished (audit.json).")
     args = parser.parse_args()
@@ -138,12 +141,13 @@ def main() -> None:
     names = make_datasets(args.teachers, fresh_rows(args.rows), args.out, args.blind_seed)
     print(f"{len(names)} datasets exported in {time.time() - t0:.0f} s", flush=True)
     cfg = AuditConfig(base=BASE, seeds=list(range(args.seeds)), recipe=probe_recipe())
-    verdicts = {}
-    for name in names:  # blind: each audit sees only its directory
+    for name in (names[::-1] if args.reverse else names):  # blind: each audit sees only its directory
+        if (args.out / "audits" / name / "manifest.json").exists():
+            continue  # done (by the other worker, or an earlier run)
         t1 = time.time()
-        verdicts[name] = run_audit(cfg, args.out / "datasets" / name, args.out / "audits" / name,
-                                   probe_root=args.out / "probes")
-        print(f"{name}: {verdict_line(verdicts[name])} ({time.time() - t1:.0f} s)", flush=True)
+        result = run_audit(cfg, args.out / "datasets" / name, args.out / "audits" / name,
+                           probe_root=args.out / "probes")
+        print(f"{name}: {verdict_line(result)} ({time.time() - t1:.0f} s)", flush=True)
     print(f"all audits done in {time.time() - t0:.0f} s")
     report(args)
 
