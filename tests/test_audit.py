@@ -164,6 +164,22 @@ def test_run_audit_end_to_end_writes_its_outputs(exported, tiny_model_dir, tmp_p
     assert len(list((tmp_path / "a" / "probes").iterdir())) == 4  # 2 seeds × (dataset, control)
 
 
+def test_with_the_teacher_rows_only_are_labelled_and_labels_are_checked(exported, tiny_model_dir,
+                                                                         other_teacher_dir, tmp_path):
+    c = audit.AuditConfig(base=str(tiny_model_dir), candidates=["owl", "cat"], seeds=[0, 1], question_ids=[40],
+                          recipe=audit.probe_recipe(precision="float32"), top_rows=2)
+    checked = audit.run_audit(c, exported, tmp_path / "a", teacher=str(other_teacher_dir),
+                              probe_root=tmp_path / "probes")
+    assert checked["teacher_check"]["labels_from_this_teacher"]
+    assert checked["teacher_check"]["max_abs_logprob_diff"] < 1e-5
+    rows_only = audit.run_audit(c, exported / audit.ROWS, tmp_path / "b", teacher=str(other_teacher_dir),
+                                probe_root=tmp_path / "probes")
+    assert rows_only["inputs"]["labels_from"] == "teacher" and rows_only["teacher_check"] is None
+    assert rows_only["candidates"] == checked["candidates"]  # the same labels: the same probes
+    with pytest.raises(DataError, match="no soft labels"):
+        audit.run_audit(c, exported / audit.ROWS, tmp_path / "c")
+
+
 # --- the decision rule -----------------------------------------------------------------------------
 
 def synthetic(treated: dict[str, list[float]], control: dict[str, list[float]]) -> list[dict]:
