@@ -35,7 +35,6 @@ other labels on the same rows reuses the control probes.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -50,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sublab.config import EvalConfig, TrainConfig, preset
 from sublab.errors import ConfigError, DataError
-from sublab.rundir import (atomic_write_bytes, atomic_write_json, atomic_write_text, cache_entry_lock,
+from sublab.rundir import (atomic_write_json, atomic_write_text, cache_entry_lock,
                            fingerprint, read_json, sha256_file, write_jsonl, write_manifest)
 from sublab.stats import compare_groups, t_interval
 from sublab.train.data import Encoded, Example, encode_examples, load_dataset
@@ -447,6 +446,8 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sublab.report import write_png
+
     table = results["candidates"]
     sh = results["shares"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -465,11 +466,8 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     right.set_ylabel("mean KL(labels ‖ base), nats")
     right.set_title(f"{d['rows_for_half']} of {d['rows']} rows carry half the divergence", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     name = "figures/audit.png"
-    atomic_write_bytes(out / name, buf.getvalue())
+    write_png(fig, out / name, dpi=110)
     return name
 
 
