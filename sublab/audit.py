@@ -29,7 +29,7 @@ the rows carrying most of it are listed.
 
 Writes `<out>/audit.json` (verdict, per-candidate table, per-seed shares, divergence, config, sha256 of
 every input), `report.md`, `figures/audit.png`, `divergence.jsonl` (per row), then `manifest.json`.
-Probe students live under `<probe_root>/<labels sha256>-seed<k>/` (default `<out>/probes`): an audit of
+Probe students live under `<probe_root>/<labels sha256>-<recipe hash>-seed<k>/` (default `<out>/probes`): an audit of
 other labels on the same rows reuses the control probes.
 """
 
@@ -280,6 +280,13 @@ def divergence(labels: StoredTargets, base: StoredTargets, data: AuditDataset, t
 
 # --- probes --------------------------------------------------------------------------------------
 
+def probe_dir(cfg: AuditConfig, targets: StoredTargets, seed: int, probe_root: Path) -> Path:
+    """One per labels × recipe × seed: probes of another recipe (a shuffle ablation) never overwrite these."""
+    from sublab.train.loop import fingerprinted_recipe
+
+    return probe_root / f"{targets.sha256[:16]}-{fingerprint(fingerprinted_recipe(cfg.recipe))[:8]}-seed{seed}"
+
+
 def probe_shares(cfg: AuditConfig, rows_path: Path, targets: StoredTargets, seed: int, probe_root: Path,
                  device: str = "cpu") -> dict[str, float]:
     """Train (or reuse) one probe on these labels and return its mean share per candidate."""
@@ -287,7 +294,7 @@ def probe_shares(cfg: AuditConfig, rows_path: Path, targets: StoredTargets, seed
     from sublab.models import load_model
     from sublab.train.loop import train_student
 
-    out_dir = probe_root / f"{targets.sha256[:16]}-seed{seed}"
+    out_dir = probe_dir(cfg, targets, seed, probe_root)
     with cache_entry_lock(out_dir):  # audits running side by side train a shared (control) probe once
         manifest = train_student(cfg.recipe, base_ref=cfg.base, dataset=rows_path, out_dir=out_dir, seed=seed,
                                  device=device, progress=False, targets=targets)

@@ -280,6 +280,15 @@ def test_shuffle_enters_the_fingerprint_only_when_set():
     assert fp[0] != fp[1]
 
 
+def test_probes_of_another_recipe_get_their_own_directory(tmp_path):
+    t = StoredTargets([], None, "k", "a" * 64, "test")
+    plain = audit.AuditConfig()
+    shuffled = audit.AuditConfig(recipe=audit.probe_recipe(distill=DistillConfig(vocabulary="format",
+                                                                                 shuffle_targets="within")))
+    dirs = {audit.probe_dir(c, t, s, tmp_path) for c in (plain, shuffled) for s in (0, 1)}
+    assert len(dirs) == 4
+
+
 def test_a_shuffled_student_trains_on_permuted_targets(exported, tokenizer, tiny_model_dir):
     c = cfg(params="lora", loss="distill", distill=DistillConfig(vocabulary="format", shuffle_targets="across"),
             epochs=1)
