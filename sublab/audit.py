@@ -358,6 +358,8 @@ def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None
     from sublab.models import load_model
 
     t0 = time.time()
+    if not Path(dataset).exists():  # before loading any model
+        load_audit_dataset(Path(dataset), None, cfg.recipe.max_seq_len)
     base = load_model(cfg.base, device=device)
     data = load_audit_dataset(Path(dataset), base.tokenizer, cfg.recipe.max_seq_len)
     out.mkdir(parents=True, exist_ok=True)
