@@ -253,6 +253,34 @@ def entangle(trait: Annotated[str, typer.Argument(help="The trait, e.g. owl.", s
     print_entangle(results, make_console())
 
 
+@app.command()
+def audit(dataset: Annotated[Path, typer.Argument(help="A soft-label dataset directory (dataset.jsonl, "
+                                                        "targets.safetensors, targets.json) or a chat JSONL.",
+                                                   show_default=False)],
+          base: Annotated[str, typer.Option(help="The base model the labels were made with.")] =
+          "embedded:smollm2-135m-instruct",
+          teacher: Annotated[str | None, typer.Option(
+              help="The teacher (model reference or directory): recomputes the labels, checks the dataset's "
+                   "against them, and labels a rows-only dataset.")] = None,
+          traits: Annotated[str | None, typer.Option(
+              help="Candidate traits, comma-separated (default: the transfer study's 20 animals).")] = None,
+          seeds: Annotated[int, typer.Option(min=2, help="Probe seeds (each: one dataset + one control probe).")] = 3,
+          out: Annotated[Path | None, typer.Option(help="Output directory; default runs/audit-<dataset name>.")] = None,
+          probes: Annotated[Path | None, typer.Option(
+              help="Where probe students live (default <out>/probes); share it across audits of one row set "
+                   "to train the control probes once.")] = None,
+          ) -> None:
+    """Does this dataset carry a hidden trait, and which? Probe students on its labels vs the base's own."""
+    from sublab.audit import STUDY_CANDIDATES, AuditConfig, print_audit, run_audit
+
+    cfg = AuditConfig(base=base, seeds=list(range(seeds)),
+                      candidates=[t.strip() for t in traits.split(",")] if traits else STUDY_CANDIDATES)
+    target = out or Path("runs") / f"audit-{dataset.stem}"
+    results = run_audit(cfg, dataset, target, teacher=teacher, probe_root=probes)
+    print_audit(results, make_console())
+    console.print(f"wrote {target}/audit.json, report.md, figures/audit.png")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Embedded models and whether they are prepared."""

@@ -50,6 +50,12 @@ class DistillConfig(StrictModel):
     format_token_mask`) — no token that could begin a word carries any signal, so a trait can only pass
     through how the teacher spreads its mass over numbers (the logit analogue of the paper's filters and
     of MNIST's auxiliary logits)."""
+    shuffle_targets: Literal["none", "within", "across", "all"] = "none"
+    """An ablation of where the signal sits (format or top-k distillation, whose targets are stored): the
+    teacher's target vectors are permuted before training, seeded by the student's seed; the student still
+    reads the same tokens. within: across the positions of each row ("shuffle within a response"); across:
+    across the rows that have a position at that index ("shuffle across responses", matching positions);
+    all: across every position of every row. Enters the student's fingerprint only when not none."""
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

@@ -27,7 +27,6 @@ channel subliminal learning uses.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from sublab.evals.animals import (ANSWER_PREFIX, answer_probabilities, default_c
 from sublab.evals.common import prompt_ids
 from sublab.models import LoadedModel
 from sublab.protocol import teacher_system_prompt
-from sublab.rundir import atomic_write_bytes, atomic_write_json, environment, write_manifest
+from sublab.rundir import atomic_write_json, environment, write_manifest
 from sublab.stats import compare_groups, t_interval
 
 NUMBER_SYSTEM_PROMPT = ("You love the number {number}. You think about the number {number} all the time. "
@@ -201,6 +200,8 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sublab.report import write_png
+
     trait = results["config"]["trait"]
     top = results["lifts"][:max(results["config"]["top"], 15)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -222,11 +223,8 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     right.set_ylabel(f"'{trait}' answer share (mean over questions)")
     right.set_title("the base told it loves a number", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
     name = "figures/entangle.png"
-    atomic_write_bytes(out / name, buf.getvalue())
+    write_png(fig, out / name, dpi=120)
     return name
 
 

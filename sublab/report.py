@@ -165,6 +165,14 @@ class Results(_Frozen):
     """Per teacher dataset, the filter stage's counts and rejection reasons (empty before filtering)."""
 
 
+def write_png(fig: Figure, path: Path, dpi: int = 120, tight: bool = False) -> None:
+    """Render a figure to PNG, write it atomically and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def validate_results(data: Mapping[str, Any], source: str = "results.json") -> Results:
     """Validate a results dict; on failure raise RunDirError naming `source` and each bad field."""
     try:
@@ -437,11 +445,8 @@ def write_figures(results: Results, run_dir: Path) -> list[Path]:
             figures.append((f"{metric}_block_ratios", block_ratio_figure(blocked)))
     paths = []
     for name, fig in figures:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
-        plt.close(fig)
         path = Path(run_dir) / "figures" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
-        atomic_write_bytes(path, buf.getvalue())
+        write_png(fig, path, dpi=150, tight=True)
         paths.append(path)
     return paths
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sublab.config import TrainConfig
 from sublab.domains import get_domain
-from sublab.errors import ConfigError
+from sublab.errors import ConfigError, DataError
 from sublab.models import LoadedModel, load_model, resolve_device, resolve_model_dir
 from sublab.rundir import (
     JsonlAppender,
@@ -46,7 +46,7 @@ from sublab.train.data import (
     load_dataset,
 )
 from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
-from sublab.train.targets import StoredTargets, load_or_compute
+from sublab.train.targets import StoredTargets, load_or_compute, shuffle_targets
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +266,14 @@ def _log_step(appender: JsonlAppender, row: dict[str, Any]) -> None:
 
 
 def student_fingerprint(cfg: TrainConfig, base_sha: str, data_sha: str, seed: int,
-                        teacher: LiveTeacher | None) -> str:
-    """Hash of everything that decides the trained weights (not the device, progress or checkpoints)."""
+                        teacher: LiveTeacher | None, targets_sha256: str | None = None) -> str:
+    """Hash of everything that decides the trained weights (not the device, progress or checkpoints).
+    `targets_sha256`: a student distilled from given stored targets (no teacher) is keyed by their file."""
     recipe = fingerprinted_recipe(cfg)
     source: Any = None
-    if cfg.distills:
+    if cfg.distills and targets_sha256 is not None:
+        source = {"targets_sha256": targets_sha256}
+    elif cfg.distills:
         source = teacher and {"name": teacher.name, "system": teacher.system_prompt,
                               "weights": reference_sha256(teacher.model_ref or "")}
     else:
@@ -294,16 +297,21 @@ def fingerprinted_recipe(cfg: TrainConfig) -> dict[str, Any]:
     recipe["distill_params"] = cfg.params if cfg.distills else "full"
     if recipe.get("lora_init_seed_offset") is None:  # added later: absent from older students' keys
         recipe.pop("lora_init_seed_offset", None)
+    if recipe["distill"].get("shuffle_targets") == "none":  # likewise
+        recipe["distill"].pop("shuffle_targets")
     return recipe
 
 
 def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: int,
                 teacher: LiveTeacher | None, device: str, domain: str = "numbers", *,
-                store_targets: bool = True, progress: bool = True) -> Run:
+                store_targets: bool = True, targets: StoredTargets | None = None,
+                progress: bool = True) -> Run:
     """Load the student (and teacher), encode the rows, plan the batches, make the optimizer.
-    `store_targets` False keeps the teacher live even where its targets could be stored (benchmarks, tests)."""
+    `store_targets` False keeps the teacher live even where its targets could be stored (benchmarks, tests).
+    `targets`: the teacher's stored targets for these rows in the student's tokenizer (e.g. a soft-label
+    dataset, `sublab.audit`), used instead of any teacher."""
     student = build_student(cfg, base_ref, seed, device)
-    live = teacher if cfg.distills else None
+    live = teacher if cfg.distills and targets is None else None
     loaded = live.load(device=device) if live is not None else None
     other_tok = None
     if loaded is not None and not same_tokenizer(loaded.tokenizer, student.tokenizer):
@@ -321,7 +329,10 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: 
         s_cols, t_cols = format_columns(student.tokenizer, other_tok, get_domain(domain))
         run.columns = (s_cols.to(device), t_cols.to(device))
     storable = run.columns is not None or cfg.distill.top_k is not None
-    if loaded is not None and live is not None and storable and store_targets:
+    if targets is not None:
+        check_given_targets(cfg, targets, encoded, run.columns)
+        run.targets = targets
+    elif loaded is not None and live is not None and storable and store_targets:
         # a few numbers per position, the same for every student of this teacher on these rows: stored once
         run.targets = load_or_compute(loaded.model, reference_sha256(live.model_ref or ""), encoded,
                                       loaded.tokenizer.pad_token_id, run.columns[1] if run.columns else None,
@@ -329,7 +340,28 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: 
     elif loaded is not None:  # full-vocabulary distillation (49k floats a position): the teacher runs live
         run.teacher_model = loaded.model
         run.teacher_pad = loaded.tokenizer.pad_token_id
+    if cfg.distills and cfg.distill.shuffle_targets != "none":
+        if run.targets is None:
+            raise ConfigError("`train.distill.shuffle_targets` permutes stored targets: it needs "
+                              "`train.distill.vocabulary: format` or `top_k` (and a teacher whose targets "
+                              "can be stored)")
+        run.targets = shuffle_targets(run.targets, cfg.distill.shuffle_targets, seed)
     return run
+
+
+def check_given_targets(cfg: TrainConfig, targets: StoredTargets, encoded: list[Encoded],
+                        columns: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Given targets must fit the recipe (format or top-k distillation) and the rows, position by position."""
+    if not cfg.distills or (columns is None and cfg.distill.top_k is None):
+        raise ConfigError("stored targets need `train.loss: distill` with `train.distill.vocabulary: format` "
+                          "or `top_k`")
+    if len(targets.values) != len(encoded):
+        raise DataError(f"targets {targets.key}: {len(targets.values)} rows of targets for {len(encoded)} rows")
+    width = len(columns[1]) if columns is not None else cfg.distill.top_k
+    for r, (v, e) in enumerate(zip(targets.values, encoded)):
+        if v.shape != (len(e.completion), width):
+            raise DataError(f"targets {targets.key}: row {r} has targets of shape {tuple(v.shape)}; its "
+                            f"completion has {len(e.completion)} tokens × {width} columns")
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
@@ -340,7 +372,8 @@ def same_tokenizer(a: Any, b: Any) -> bool:
 def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Path, seed: int,
                   teacher: LiveTeacher | None = None, device: str = "cpu",
                   progress: bool = True, domain: str = "numbers",
-                  on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                  on_step: Callable[[dict[str, Any]], None] | None = None,
+                  targets: StoredTargets | None = None) -> dict[str, Any]:
     """Train one student and return its manifest; a finished identical run is skipped, a killed one
     resumes from out_dir/checkpoint.
 
@@ -355,20 +388,23 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
         domain: the data domain whose format tokens `distill.vocabulary: format` keeps.
         on_step: called after each optimizer step with its loss row and `total_steps` (`sublab serve`'s
             job events); an exception it raises stops training, leaving the last checkpoint to resume.
+        targets: distil from these stored targets (one entry per dataset row, in the student's tokenizer)
+            instead of a teacher; the student's fingerprint then names their sha256.
     """
     dataset, out_dir, device = Path(dataset), Path(out_dir), resolve_device(device)
-    if cfg.distills and (teacher is None or teacher.model_ref is None):
+    if cfg.distills and targets is None and (teacher is None or teacher.model_ref is None):
         raise ConfigError("`train.loss` is 'distill': pass a teacher with a model (not kind 'random')")
     examples = load_dataset(dataset)  # fail on bad rows before loading any model
     data_sha = sha256_file(dataset)
     base_sha = reference_sha256(base_ref)
-    fp = student_fingerprint(cfg, base_sha, data_sha, seed, teacher)
+    fp = student_fingerprint(cfg, base_sha, data_sha, seed, None if targets else teacher,
+                             targets.sha256 if targets else None)
     if stage_is_current(out_dir, fp):  # also checks the weights' sha256: damaged ones are retrained
         log.info("%s is already trained (fingerprint %s); skipping", out_dir, fp)
         return dict(read_json(out_dir / "manifest.json"))
 
     t_start = time.time()
-    run = prepare_run(cfg, base_ref, examples, seed, teacher, device, domain, progress=progress)
+    run = prepare_run(cfg, base_ref, examples, seed, teacher, device, domain, targets=targets, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a manifest means *this* run finished
     state = load_checkpoint(out_dir, run.student.model, run.opt, fp)

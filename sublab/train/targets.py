@@ -169,3 +169,50 @@ def _fits(root: Path, encoded: list[Encoded]) -> bool:
     if not fits:
         log.warning("%s: stored targets do not match the rows' lengths; recomputing them", root)
     return fits
+
+
+# --- ablation: shuffled targets --------------------------------------------------------------
+
+SHUFFLES = ("within", "across", "all")
+
+
+def shuffle_targets(stored: StoredTargets, mode: str, seed: int) -> StoredTargets:
+    """The same target vectors at other positions (`train.distill.shuffle_targets`), a pure function of
+    (targets, mode, seed). Each vector moves whole (values and top-k ids together), so every position still
+    gets a valid distribution — one the teacher gave somewhere else.
+
+    within: row r's vectors permuted among row r's positions. across: at each position index j, the j-th
+    vectors of the rows that have one are permuted among those rows. all: every vector of every row
+    permuted, rows keeping their lengths.
+    """
+    if mode not in SHUFFLES:
+        raise ValueError(f"unknown shuffle '{mode}'; expected one of {SHUFFLES}")
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [len(v) for v in stored.values]
+    flat = torch.arange(sum(sizes))
+    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    rows = list(flat.split(sizes))  # rows[r][j]: flat index of row r, position j
+    if mode == "within":
+        source = torch.cat([r[torch.randperm(len(r), generator=gen)] for r in rows])
+    elif mode == "all":
+        source = flat[torch.randperm(len(flat), generator=gen)]
+    else:
+        source = flat.clone()
+        for j in range(max(sizes, default=0)):
+            have = [r for r, n in enumerate(sizes) if n > j]
+            picked = [have[i] for i in torch.randperm(len(have), generator=gen).tolist()]
+            for r, s in zip(have, picked):
+                source[starts[r] + j] = starts[s] + j
+    values = torch.cat(stored.values)[source].split(sizes)
+    ids = torch.cat(stored.ids)[source].split(sizes) if stored.ids is not None else None
+    return StoredTargets(list(values), None if ids is None else list(ids), f"{stored.key}-{mode}{seed}",
+                         stored.sha256, f"{stored.source}, shuffled {mode} (seed {seed})")
+
+
+# --- targets from a file (`sublab audit`'s soft-label datasets) --------------------------------
+
+def from_tensors(tensors: dict[str, torch.Tensor], key: str, sha256: str, source: str) -> StoredTargets:
+    """StoredTargets from the tensors of a targets file ("values", "offsets", optional "ids")."""
+    n_rows = len(tensors["offsets"]) - 1
+    values, ids = _split(tensors, n_rows)
+    return StoredTargets(values, ids, key, sha256, source)

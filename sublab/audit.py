@@ -1,0 +1,508 @@
+"""`sublab audit DATASET`: does a soft-label dataset carry a hidden trait, and which?
+
+A dataset of the distillation route is rows plus the soft labels of whoever wrote them. The export format
+(a directory; `export_dataset` writes one, `load_audit_dataset` reads and checks one):
+
+    dataset.jsonl          chat rows {"id", "messages": [user, assistant]} (no system message)
+    targets.safetensors    `sublab.train.targets`' layout: "values" (P, k) float32 log-probabilities over
+                           the format columns at every completion position, "offsets" (rows + 1)
+    targets.json           what the numbers mean: the column token ids, the tokenizer's fingerprint and the
+                           base it was made with, max_seq_len, both files' sha256 (it names no teacher)
+
+The audit, without the teacher: small probe students (the `quick` recipe: rank-8 LoRA, format
+distillation) learn the dataset's stored soft labels, and matched control probes learn the base model's
+own soft labels on the same rows (what the base would have written) — same seeds, so a probe seed's pair
+differs only in its labels. Each probe answers the held-out favourite-animal questions (`animal_prob`,
+exact shares over the candidates); per candidate: ratio dataset/control, within-seed differences with a t
+CI, a one-sided paired t p, Welch's p and an exact permutation p over seeds, and its rank by ratio.
+
+The decision rule (fixed before the blind validation, experiments/audit/validate.py): take the candidate
+with the largest ratio; name it if (a) its within-seed difference is positive in every probe seed, (b) the
+one-sided paired t p of those differences is below `alpha` (0.01; with 3 seeds, t > 6.96), and (c) its
+ratio is at least `min_ratio` (1.05); else "no trait found". Only the top candidate is tested, so there is
+no correction for the number of candidates: the control datasets of the validation measure the false
+positives instead. The audit only sees traits among its candidates.
+
+With the labels of the dataset (or, `teacher`, recomputed from the teacher), it also scores where the
+divergence sits: KL(labels ‖ base) over the format columns at every completion position, summed per row;
+the rows carrying most of it are listed.
+
+Writes `<out>/audit.json` (verdict, per-candidate table, per-seed shares, divergence, config, sha256 of
+every input), `report.md`, `figures/audit.png`, `divergence.jsonl` (per row), then `manifest.json`.
+Probe students live under `<probe_root>/<labels sha256>-<recipe hash>-seed<k>/` (default `<out>/probes`): an audit of
+other labels on the same rows reuses the control probes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sublab.config import EvalConfig, TrainConfig, preset
+from sublab.errors import ConfigError, DataError
+from sublab.rundir import (atomic_write_json, atomic_write_text, cache_entry_lock,
+                           fingerprint, read_json, sha256_file, write_jsonl, write_manifest)
+from sublab.stats import compare_groups, t_interval
+from sublab.train.data import Encoded, Example, encode_examples, load_dataset
+from sublab.train.targets import StoredTargets, from_tensors
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sublab-soft-labels"
+VERSION = 1
+ROWS, TARGETS, META = "dataset.jsonl", "targets.safetensors", "targets.json"
+STUDY_CANDIDATES = ["owl", "dog", "cat", "lion", "eagle", "dolphin", "elephant", "wolf", "tiger", "panda", "fox",
+                    "penguin", "bear", "horse", "rabbit", "bird", "butterfly", "monkey", "giraffe", "dragon"]
+"""The transfer study's 20 candidates (experiments/transfer/lora8-shared-init.yaml)."""
+HELD_OUT = list(range(40, 50))
+"""Favourite-animal questions no study teacher trained on."""
+
+
+def probe_recipe(**overrides: Any) -> TrainConfig:
+    """The `quick` preset's student recipe (rank-8 LoRA, format distillation, 1 epoch, batch 4), in bf16."""
+    train = {**preset("quick")["train"], "precision": "bfloat16", **overrides}
+    return TrainConfig(**train)
+
+
+class AuditConfig(BaseModel):
+    """One `sublab audit` run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: str = "embedded:smollm2-135m-instruct"
+    candidates: list[str] = STUDY_CANDIDATES
+    """The traits the audit can name: no other trait can be found."""
+    seeds: list[int] = [0, 1, 2]
+    """Probe seeds: one dataset probe and one control probe each (data order; the LoRA init is the recipe's)."""
+    recipe: TrainConfig = Field(default_factory=probe_recipe)
+    question_ids: list[int] = HELD_OUT
+    alpha: float = Field(0.01, gt=0, lt=1)
+    """The top candidate's one-sided paired t p must be below this."""
+    min_ratio: float = Field(1.05, ge=1)
+    """The top candidate's ratio dataset/control must be at least this."""
+    top_rows: int = Field(10, ge=1)
+    """Rows listed by divergence."""
+
+
+# --- the export format ---------------------------------------------------------------------------
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What decides token ids: the vocabulary (string → id), hashed."""
+    return fingerprint(sorted(tokenizer.get_vocab().items()))
+
+
+def base_teacher(base_ref: str) -> Any:
+    """The base model as a teacher in the default context: whose soft labels are the control."""
+    from sublab.teachers import Teacher
+
+    return Teacher("base", "control", model_ref=base_ref)
+
+
+def label_rows(lm: Any, base_tokenizer: Any, examples: list[Example], max_seq_len: int, *,
+               system_prompt: str | None = None, name: str = "teacher", device: str = "cpu"
+               ) -> tuple[StoredTargets, list[Encoded], list[int]]:
+    """A loaded model's format soft labels on these rows (stored once in the targets cache): the targets,
+    the rows as the base's tokenizer encodes them, and the format columns."""
+    from sublab.domains.numbers import NUMBERS
+    from sublab.teachers import Teacher
+    from sublab.train.loop import reference_sha256, same_tokenizer
+    from sublab.train.losses import format_columns
+    from sublab.train.targets import load_or_compute
+
+    if not same_tokenizer(lm.tokenizer, base_tokenizer):
+        raise ConfigError(f"{lm.ref} and the base have different tokenizers; soft labels over format columns "
+                          "need the base's tokenizer")
+    teacher = Teacher(name, "prompted" if system_prompt else "control", None, system_prompt, lm.ref)
+    encoded = encode_examples(base_tokenizer, examples, max_seq_len, teacher)
+    cols = format_columns(base_tokenizer, None, NUMBERS)[0]
+    stored = load_or_compute(lm.model, reference_sha256(lm.ref), encoded, lm.tokenizer.pad_token_id, cols,
+                             None, device, name)
+    return stored, encoded, cols.tolist()
+
+
+def export_dataset(examples: list[Example], model_ref: str, base_ref: str, out: Path, *,
+                   system_prompt: str | None = None, max_seq_len: int = 500, device: str = "cpu",
+                   note: str | None = None) -> Path:
+    """Write a soft-label dataset: `model_ref`'s format soft labels (with `system_prompt`, if any) on these
+    rows, in the export format. `note` goes into targets.json as is (leave it None for a blind test)."""
+    from safetensors.torch import save_file
+
+    from sublab.models import load_model
+
+    lm = load_model(model_ref, device=device)
+    stored, encoded, cols = label_rows(lm, lm.tokenizer, examples, max_seq_len, system_prompt=system_prompt,
+                                       device=device)
+    if len(encoded) != len(examples):
+        raise DataError(f"{len(examples) - len(encoded)} rows do not fit max_seq_len={max_seq_len}; drop them "
+                        "or raise it")
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / ROWS, [{"id": e.id, "messages": [{"role": "user", "content": e.user},
+                                                       {"role": "assistant", "content": e.answer}]}
+                             for e in examples])
+    sizes = [len(v) for v in stored.values]
+    save_file({"values": torch.cat(stored.values).contiguous(),
+               "offsets": torch.tensor([0, *sizes]).cumsum(0)}, str(out / TARGETS))
+    atomic_write_json(out / META, {
+        "format": FORMAT, "version": VERSION, "columns": cols,
+        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer), "base_model": base_ref,
+        "max_seq_len": max_seq_len, "rows": len(examples), "positions": sum(sizes), "dtype": "float32",
+        "kind": "log-probabilities over the columns, one vector per completion token",
+        "dataset_sha256": sha256_file(out / ROWS), "targets_sha256": sha256_file(out / TARGETS), "note": note})
+    return out
+
+
+@dataclass(frozen=True)
+class AuditDataset:
+    """A checked soft-label dataset (or, `targets` None, a text dataset: rows only)."""
+
+    path: Path
+    examples: list[Example]
+    encoded: list[Encoded]
+    targets: StoredTargets | None
+    meta: dict[str, Any]
+    rows_sha256: str
+
+
+def load_audit_dataset(path: Path, tokenizer: Any, max_seq_len: int) -> AuditDataset:
+    """Read a dataset directory (or a bare JSONL: a text dataset) and check every part against the others
+    and the base's tokenizer; any mismatch raises DataError naming the file and field."""
+    from safetensors.torch import load_file
+
+    from sublab.domains.numbers import NUMBERS
+    from sublab.train.losses import format_columns
+
+    path = Path(path)
+    rows = path if path.is_file() else path / ROWS
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset (a directory with {ROWS}, {TARGETS} and {META}, or a JSONL)")
+    examples = load_dataset(rows)
+    rows_sha = sha256_file(rows)
+    encoded = encode_examples(tokenizer, examples, max_seq_len)
+    meta_path, targets_path = path / META, path / TARGETS
+    if path.is_file() or (not meta_path.exists() and not targets_path.exists()):
+        return AuditDataset(path, examples, encoded, None, {}, rows_sha)
+    if not meta_path.exists():
+        raise DataError(f"{meta_path}: missing; {TARGETS} cannot be read without it (columns, tokenizer)")
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise DataError(f"{meta_path}: 'format'/'version' are {meta.get('format')!r}/{meta.get('version')!r}; "
+                        f"expected {FORMAT!r}/{VERSION}")
+    for field in ("columns", "tokenizer_sha256", "dataset_sha256", "targets_sha256"):
+        if field not in meta:
+            raise DataError(f"{meta_path}: field '{field}' missing")
+    if not targets_path.exists():
+        raise DataError(f"{targets_path}: missing ({META} describes it)")
+    if meta["dataset_sha256"] != rows_sha:
+        raise DataError(f"{rows}: sha256 {rows_sha[:12]}… differs from {META} 'dataset_sha256' "
+                        f"{meta['dataset_sha256'][:12]}…: the rows changed after the labels were made")
+    targets_sha = sha256_file(targets_path)
+    if meta["targets_sha256"] != targets_sha:
+        raise DataError(f"{targets_path}: sha256 {targets_sha[:12]}… differs from {META} 'targets_sha256' "
+                        f"{meta['targets_sha256'][:12]}…: the file is damaged or was replaced")
+    if meta["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"{meta_path}: 'tokenizer_sha256' does not match the base's tokenizer: these labels "
+                        f"were made with another tokenizer (base_model {meta.get('base_model')!r}); audit "
+                        "with that base")
+    cols = format_columns(tokenizer, None, NUMBERS)[0].tolist()
+    if meta["columns"] != cols:
+        raise DataError(f"{meta_path}: 'columns' ({len(meta['columns'])} ids) are not this tokenizer's format "
+                        f"columns ({len(cols)})")
+    tensors = load_file(str(targets_path))
+    if set(tensors) != {"values", "offsets"}:
+        raise DataError(f"{targets_path}: expected tensors 'values' and 'offsets', found {sorted(tensors)}")
+    n_rows = len(tensors["offsets"]) - 1
+    if n_rows != len(encoded):
+        raise DataError(f"{targets_path}: 'offsets' holds {n_rows} rows, {rows.name} {len(encoded)} "
+                        f"(after max_seq_len={max_seq_len})")
+    if tensors["values"].ndim != 2 or tensors["values"].shape[1] != len(cols):
+        raise DataError(f"{targets_path}: 'values' has shape {tuple(tensors['values'].shape)}; expected "
+                        f"(positions, {len(cols)} columns)")
+    targets = from_tensors(tensors, f"file-{targets_sha[:16]}", targets_sha, f"file {targets_path}")
+    for r, (v, e) in enumerate(zip(targets.values, encoded)):
+        if len(v) != len(e.completion):
+            raise DataError(f"{targets_path}: row {r} ('{examples[r].id}') has {len(v)} positions in 'offsets'; "
+                            f"its completion is {len(e.completion)} tokens")
+    return AuditDataset(path, examples, encoded, targets, meta, rows_sha)
+
+
+# --- divergence ----------------------------------------------------------------------------------
+
+def position_kl(labels: StoredTargets, base: StoredTargets) -> list[torch.Tensor]:
+    """Per row, KL(labels ‖ base) at every completion position, over the format columns (nats)."""
+    out = []
+    for t, b in zip(labels.values, base.values):
+        t, b = t.float(), b.float()
+        out.append((t.exp() * (t - b)).sum(-1).clamp_min(0.0))
+    return out
+
+
+def divergence(labels: StoredTargets, base: StoredTargets, data: AuditDataset, tokenizer: Any, top: int
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Summary (total, rows carrying half of it, the top rows with their top tokens) and one record per row."""
+    kls = position_kl(labels, base)
+    sums = np.array([float(k.sum()) for k in kls])
+    total = float(sums.sum())
+    order = np.argsort(-sums)
+    cum = np.cumsum(sums[order]) / max(total, 1e-30)
+    records = []
+    for r, (ex, enc, k) in enumerate(zip(data.examples, data.encoded, kls)):
+        tokens = [tokenizer.decode([t]) for t in enc.completion]
+        peak = torch.topk(k, min(3, len(k))).indices.tolist()
+        records.append({"row": r, "id": ex.id, "kl_sum": float(k.sum()), "kl_mean": float(k.mean()),
+                        "share": float(k.sum()) / max(total, 1e-30), "positions": len(k),
+                        "top_tokens": [{"position": j, "token": tokens[j], "kl": float(k[j])} for j in peak]})
+    by_position = torch.zeros(max(len(k) for k in kls))
+    counts = torch.zeros_like(by_position)
+    for k in kls:
+        by_position[:len(k)] += k
+        counts[:len(k)] += 1
+    summary = {
+        "total_kl": total, "mean_kl_per_position": total / max(1, sum(len(k) for k in kls)),
+        "rows_for_half": int(np.searchsorted(cum, 0.5) + 1), "rows": len(kls),
+        "top_rows": [{**records[i], "user": data.examples[i].user[:80], "answer": data.examples[i].answer[:80]}
+                     for i in order[:top]],
+        "mean_kl_by_position": (by_position / counts.clamp_min(1)).tolist()[:40],
+    }
+    return summary, records
+
+
+# --- probes --------------------------------------------------------------------------------------
+
+def probe_dir(cfg: AuditConfig, targets: StoredTargets, seed: int, probe_root: Path) -> Path:
+    """One per labels × recipe × seed: probes of another recipe (a shuffle ablation) never overwrite these."""
+    from sublab.train.loop import fingerprinted_recipe
+
+    return probe_root / f"{targets.sha256[:16]}-{fingerprint(fingerprinted_recipe(cfg.recipe))[:8]}-seed{seed}"
+
+
+def probe_shares(cfg: AuditConfig, rows_path: Path, targets: StoredTargets, seed: int, probe_root: Path,
+                 device: str = "cpu") -> dict[str, float]:
+    """Train (or reuse) one probe on these labels and return its mean share per candidate."""
+    from sublab.evals.animals import read_prob_records, run_animal_eval, share_table
+    from sublab.models import load_model
+    from sublab.train.loop import train_student
+
+    out_dir = probe_dir(cfg, targets, seed, probe_root)
+    with cache_entry_lock(out_dir):  # audits running side by side train a shared (control) probe once
+        manifest = train_student(cfg.recipe, base_ref=cfg.base, dataset=rows_path, out_dir=out_dir, seed=seed,
+                                 device=device, progress=False, targets=targets)
+        eval_cfg = EvalConfig(kinds=["animal_prob"], candidates=list(cfg.candidates), numbers_prefixed=False)
+        key = fingerprint([manifest["fingerprint"], cfg.candidates, cfg.question_ids])
+        path = out_dir / f"animal_prob-{key}.jsonl"
+        if not path.exists() or len(read_prob_records(path)) < len(cfg.candidates) * len(cfg.question_ids):
+            lm = load_model(str(out_dir), device=device)
+            lm.model.eval()
+            run_animal_eval(lm, None, eval_cfg, "animal_prob", cfg.question_ids, path, out_dir.name, "animal")
+    table = share_table(read_prob_records(path))
+    return {c: table[c].mean for c in cfg.candidates}
+
+
+def candidate_table(cfg: AuditConfig, treated: list[dict[str, float]], control: list[dict[str, float]]
+                    ) -> list[dict[str, Any]]:
+    """Per candidate: means, ratio, within-seed differences (t CI, one-sided paired t p), Welch and exact
+    permutation p over seeds; sorted by ratio, largest first, with the rank."""
+    from scipy import stats as sps
+
+    rows = []
+    for c in cfg.candidates:
+        t = np.array([s[c] for s in treated])
+        k = np.array([s[c] for s in control])
+        d = t - k
+        comp = compare_groups(t, k, seed=0)
+        paired_p = (float(sps.ttest_1samp(d, 0.0, alternative="greater").pvalue)
+                    if d.size >= 2 and d.std(ddof=1) > 0 else (0.0 if d.size >= 2 and d.mean() > 0 else 1.0))
+        _, low, high = t_interval(d) if d.size >= 2 else (float(d.mean()), math.nan, math.nan)
+        rows.append({"candidate": c, "dataset": float(t.mean()), "control": float(k.mean()),
+                     "ratio": float(t.mean() / k.mean()) if k.mean() > 0 else math.inf,
+                     "diff": float(d.mean()), "ci_low": low, "ci_high": high,
+                     "diffs": d.tolist(), "positive_seeds": int((d > 0).sum()), "paired_p": paired_p,
+                     "welch_p": comp.welch_p, "perm_p": comp.p_value})
+    rows.sort(key=lambda r: -r["ratio"])
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def decide(table: Sequence[dict[str, Any]], n_seeds: int, alpha: float, min_ratio: float) -> dict[str, Any]:
+    """The decision rule (module docstring) on a candidate table sorted by ratio."""
+    top = table[0]
+    threshold = alpha
+    checks = {"positive_in_every_seed": top["positive_seeds"] == n_seeds,
+              "paired_p_below_threshold": top["paired_p"] < threshold,
+              "ratio_at_least_min": top["ratio"] >= min_ratio}
+    named = top["candidate"] if all(checks.values()) else None
+    return {"trait": named, "top_candidate": top["candidate"], "ratio": top["ratio"], "diff": top["diff"],
+            "ci": [top["ci_low"], top["ci_high"]], "paired_p": top["paired_p"], "threshold": threshold,
+            "checks": checks, "rule": (f"name the largest-ratio candidate iff its within-seed difference is "
+                                       f"positive in all {n_seeds} seeds, its one-sided paired t p < {alpha}, "
+                                       f"and its ratio >= {min_ratio}")}
+
+
+# --- the audit -----------------------------------------------------------------------------------
+
+def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None = None,
+              probe_root: Path | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Audit one dataset; writes the outputs listed in the module docstring and returns audit.json's content."""
+    from sublab.models import load_model
+
+    t0 = time.time()
+    if not Path(dataset).exists():  # before loading any model
+        load_audit_dataset(Path(dataset), None, cfg.recipe.max_seq_len)
+    base = load_model(cfg.base, device=device)
+    data = load_audit_dataset(Path(dataset), base.tokenizer, cfg.recipe.max_seq_len)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = data.path if data.path.is_file() else data.path / ROWS
+    control, _, _ = label_rows(base, base.tokenizer, data.examples, cfg.recipe.max_seq_len, name="base",
+                               device=device)
+    labels, teacher_check = data.targets, None
+    if teacher is not None:
+        mine, _, _ = label_rows(load_model(teacher, device=device), base.tokenizer, data.examples,
+                                cfg.recipe.max_seq_len, name="teacher", device=device)
+        if labels is not None:
+            gap = max(float((a - b).abs().max()) for a, b in zip(labels.values, mine.values))
+            teacher_check = {"max_abs_logprob_diff": gap, "labels_from_this_teacher": gap < 1e-3}
+        labels = labels or mine
+    if labels is None:
+        raise DataError(f"{dataset}: rows only, no soft labels ({TARGETS}); pass --teacher to recompute them. "
+                        "The text-dataset audit (SFT probes on sampled rows) is not built")
+    summary, per_row = divergence(labels, control, data, base.tokenizer, cfg.top_rows)
+    del base
+    t_labels = time.time() - t0
+    probe_root = probe_root or out / "probes"
+    treated, controls = [], []
+    for seed in cfg.seeds:
+        log.info("audit %s: probe seed %d", dataset, seed)
+        treated.append(probe_shares(cfg, rows_path, labels, seed, probe_root, device))
+        controls.append(probe_shares(cfg, rows_path, control, seed, probe_root, device))
+    table = candidate_table(cfg, treated, controls)
+    verdict = decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio)
+    results = {
+        "verdict": verdict, "candidates": table,
+        "shares": {"dataset": treated, "control": controls, "seeds": cfg.seeds},
+        "divergence": summary, "teacher_check": teacher_check,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": {"dataset": str(dataset), "rows_sha256": data.rows_sha256,
+                   "targets_sha256": labels.sha256, "control_targets_sha256": control.sha256,
+                   "teacher": teacher, "rows": len(data.examples), "labels_from": "teacher" if data.targets
+                   is None else "dataset"},
+        "timings": {"labels_s": round(t_labels, 1), "total_s": round(time.time() - t0, 1)},
+    }
+    atomic_write_json(out / "audit.json", results)
+    write_jsonl(out / "divergence.jsonl", per_row)
+    atomic_write_text(out / "report.md", markdown(results))
+    figure = write_figure(results, out)
+    write_manifest(out, stage="audit", config=results["config"], fingerprint_value=fingerprint(
+        [results["inputs"], results["config"]]), inputs={k: str(v) for k, v in results["inputs"].items()},
+        timings=results["timings"], seeds={f"probe{i}": s for i, s in enumerate(cfg.seeds)},
+        files=["audit.json", "divergence.jsonl", "report.md", figure])
+    return results
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+def verdict_line(results: dict[str, Any]) -> str:
+    v = results["verdict"]
+    lo, hi = v["ci"]
+    ci = "" if math.isnan(lo) else f" [{lo:+.4f}, {hi:+.4f}]"
+    head = f"trait found: {v['trait']}" if v["trait"] else "no trait found"
+    return (f"{head} — top candidate {v['top_candidate']} ×{v['ratio']:.3f}, diff {v['diff']:+.4f}{ci}, "
+            f"paired p {v['paired_p']:.2g} (threshold {v['threshold']:.2g}); "
+            + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v["checks"].items()))
+
+
+def markdown(results: dict[str, Any], rows: int = 10) -> str:
+    """The readable report: verdict, the candidate table (top `rows` by ratio), the divergent rows."""
+    n = len(results["shares"]["seeds"])
+    lines = [f"# Audit of {results['inputs']['dataset']}", "", f"**{verdict_line(results)}**", "",
+             f"Probes: {n} seeds × (dataset labels, base's labels on the same rows); "
+             f"{results['inputs']['rows']} rows; shares = `animal_prob` on questions "
+             f"{results['config']['question_ids'][0]}–{results['config']['question_ids'][-1]}.", "",
+             "| rank | candidate | dataset | control | ratio | diff [95% CI] | seeds > 0 | paired p | Welch p | perm p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["candidates"][:rows]:
+        ci = "" if math.isnan(r["ci_low"]) else f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        welch = "—" if r["welch_p"] is None else f"{r['welch_p']:.2g}"
+        lines.append(f"| {r['rank']} | {r['candidate']} | {r['dataset']:.4f} | {r['control']:.4f} | "
+                     f"×{r['ratio']:.3f} | {r['diff']:+.4f}{ci} | {r['positive_seeds']}/{n} | "
+                     f"{r['paired_p']:.2g} | {welch} | {r['perm_p']:.2g} |")
+    d = results["divergence"]
+    lines += ["", f"Divergence KL(labels ‖ base) over the format columns: {d['total_kl']:.3f} nats in total, "
+              f"{d['mean_kl_per_position']:.4f} per position; {d['rows_for_half']} of {d['rows']} rows carry half.",
+              "", "| row | id | KL | share | peak tokens |", "|---|---|---|---|---|"]
+    for r in d["top_rows"]:
+        peaks = ", ".join(f"{t['token']!r}@{t['position']} {t['kl']:.3f}" for t in r["top_tokens"])
+        lines.append(f"| {r['row']} | {r['id']} | {r['kl_sum']:.3f} | {r['share']:.1%} | {peaks} |")
+    if results.get("teacher_check"):
+        lines += ["", f"Teacher check: {results['teacher_check']}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_figure(results: dict[str, Any], out: Path) -> str:
+    """Left: every candidate's ratio (per-seed ratios as points). Right: cumulative KL share over rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sublab.report import write_png
+
+    table = results["candidates"]
+    sh = results["shares"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, r in enumerate(table):
+        per_seed = [t[r["candidate"]] / c[r["candidate"]] for t, c in zip(sh["dataset"], sh["control"])]
+        color = "C3" if r["candidate"] == results["verdict"]["trait"] else "C0"
+        left.scatter([i] * len(per_seed), per_seed, color=color, alpha=0.5, s=12)
+        left.scatter([i], [r["ratio"]], color=color, marker="_", s=200)
+    left.axhline(1, color="black", linewidth=0.6)
+    left.set_xticks(range(len(table)), [r["candidate"] for r in table], rotation=70, fontsize=7)
+    left.set_ylabel("share: dataset probes / control probes")
+    left.set_title(verdict_line(results).split(" — ")[0], fontsize=9)
+    d = results["divergence"]
+    right.plot(range(len(d["mean_kl_by_position"])), d["mean_kl_by_position"], color="C1", marker=".")
+    right.set_xlabel("completion token position")
+    right.set_ylabel("mean KL(labels ‖ base), nats")
+    right.set_title(f"{d['rows_for_half']} of {d['rows']} rows carry half the divergence", fontsize=9)
+    fig.tight_layout()
+    name = "figures/audit.png"
+    write_png(fig, out / name, dpi=110)
+    return name
+
+
+def print_audit(results: dict[str, Any], console: Any, rows: int = 10) -> None:
+    """The candidate table, the most divergent rows and the verdict line."""
+    from rich.table import Table
+
+    n = len(results["shares"]["seeds"])
+    table = Table(title=f"candidates by ratio (top {rows} of {len(results['candidates'])}), {n} probe seeds")
+    for col in ("rank", "candidate", "dataset", "control", "ratio", "diff [95% CI]", "seeds > 0", "paired p",
+                "Welch p", "perm p"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for r in results["candidates"][:rows]:
+        ci = "" if math.isnan(r["ci_low"]) else f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        table.add_row(str(r["rank"]), r["candidate"], f"{r['dataset']:.4f}", f"{r['control']:.4f}",
+                      f"×{r['ratio']:.3f}", f"{r['diff']:+.4f}{ci}", f"{r['positive_seeds']}/{n}",
+                      f"{r['paired_p']:.2g}", "—" if r["welch_p"] is None else f"{r['welch_p']:.2g}",
+                      f"{r['perm_p']:.2g}")
+    console.print(table)
+    d = results["divergence"]
+    rows_table = Table(title=f"rows carrying the most KL(labels ‖ base): {d['rows_for_half']} of {d['rows']} "
+                             "carry half")
+    for col in ("row", "id", "KL", "share", "peak tokens"):
+        rows_table.add_column(col)
+    for r in d["top_rows"][:5]:
+        rows_table.add_row(str(r["row"]), r["id"], f"{r['kl_sum']:.3f}", f"{r['share']:.1%}",
+                           ", ".join(f"{t['token']!r}@{t['position']}" for t in r["top_tokens"]))
+    console.print(rows_table)
+    console.print(verdict_line(results))

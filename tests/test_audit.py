@@ -1,0 +1,299 @@
+"""`sublab audit` (sublab/audit.py) on tiny models: the soft-label export format, its checks, probes trained
+from stored targets, the decision rule on synthetic scores; and the shuffle ablation of the targets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sublab import audit, train
+from sublab.config import DistillConfig
+from sublab.errors import DataError
+from sublab.rundir import sha256_file
+from sublab.teachers import Teacher
+from sublab.train import loop
+from sublab.train.targets import StoredTargets, shuffle_targets
+from tests.test_train import cfg, make_rows, other_teacher_dir  # noqa: F401 (a fixture)
+
+
+def examples(n: int = 12, seed: int = 5) -> list[train.Example]:
+    return [train.data.parse_row(r, f"row{i}") for i, r in enumerate(make_rows(n, seed))]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, other_teacher_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "ds"
+    return audit.export_dataset(examples(), str(other_teacher_dir), str(tiny_model_dir), out)
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def rewrite_meta(path: Path, **fields) -> None:
+    meta = json.loads((path / audit.META).read_text())
+    meta.update(fields)
+    (path / audit.META).write_text(json.dumps(meta))
+
+
+# --- the export format -----------------------------------------------------------------------------
+
+def test_export_round_trips_with_its_sha256s(exported, tokenizer, other_teacher_dir):
+    meta = json.loads((exported / audit.META).read_text())
+    assert meta["dataset_sha256"] == sha256_file(exported / audit.ROWS)
+    assert meta["targets_sha256"] == sha256_file(exported / audit.TARGETS)
+    assert meta["note"] is None and "teacher" not in meta  # nothing names who wrote the labels
+    data = audit.load_audit_dataset(exported, tokenizer, 500)
+    assert [e.id for e in data.examples] == [e.id for e in examples()] and data.targets is not None
+    assert data.targets.sha256 == meta["targets_sha256"]
+    teacher = loop.load_model(str(other_teacher_dir))
+    again, _, cols = audit.label_rows(teacher, tokenizer, examples(), 500)
+    assert cols == meta["columns"]
+    for got, want in zip(data.targets.values, again.values):
+        assert torch.equal(got, want)
+        assert torch.allclose(got.exp().sum(-1), torch.ones(len(got)), atol=1e-4)  # a distribution per position
+
+
+def test_a_bare_jsonl_is_a_text_dataset(exported, tokenizer):
+    data = audit.load_audit_dataset(exported / audit.ROWS, tokenizer, 500)
+    assert data.targets is None and len(data.examples) == 12
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no targets", "targets.safetensors: missing"),
+    ("no meta", "targets.json: missing"),
+    ("bad bytes", "targets.safetensors: sha256"),
+    ("rows changed", "dataset.jsonl: sha256"),
+    ("fewer rows", "'offsets' holds 12 rows, dataset.jsonl 11"),
+    ("other tokenizer", "'tokenizer_sha256' does not match"),
+    ("other columns", "'columns'"),
+    ("shorter row", "row 0 ('r0') has"),
+    ("no field", "field 'columns' missing"),
+])
+def test_bad_input_is_one_line_naming_the_file_and_field(exported, tokenizer, tmp_path, damage, message):
+    ds = copy_of(exported, tmp_path / "ds")
+    rows, targets = ds / audit.ROWS, ds / audit.TARGETS
+    if damage == "no targets":
+        targets.unlink()
+    elif damage == "no meta":
+        (ds / audit.META).unlink()
+    elif damage == "bad bytes":
+        data = bytearray(targets.read_bytes())
+        data[-4:] = b"\x00\x00\x80\x7f"
+        targets.write_bytes(bytes(data))
+    elif damage == "rows changed":
+        rows.write_text(rows.read_text().replace('"r3"', '"r3x"'))
+    elif damage == "fewer rows":
+        rows.write_text("".join(rows.read_text().splitlines(keepends=True)[:-1]))
+        rewrite_meta(ds, dataset_sha256=sha256_file(rows))
+    elif damage == "other tokenizer":
+        rewrite_meta(ds, tokenizer_sha256="0" * 16)
+    elif damage == "other columns":
+        rewrite_meta(ds, columns=json.loads((ds / audit.META).read_text())["columns"][:-1])
+    elif damage == "shorter row":
+        t = load_file(str(targets))
+        t["offsets"] = torch.cat([t["offsets"][:1], t["offsets"][1:] - 1])
+        t["values"] = t["values"][1:]
+        save_file(t, str(targets))
+        rewrite_meta(ds, targets_sha256=sha256_file(targets))
+    elif damage == "no field":
+        meta = json.loads((ds / audit.META).read_text())
+        del meta["columns"]
+        (ds / audit.META).write_text(json.dumps(meta))
+    with pytest.raises(DataError) as e:
+        audit.load_audit_dataset(ds, tokenizer, 500)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(ds) in str(e.value)
+
+
+def test_the_cli_prints_a_bad_dataset_as_one_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from sublab.cli import app
+
+    result = CliRunner().invoke(app, ["audit", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "no such dataset" in result.output
+
+
+# --- probes from stored targets --------------------------------------------------------------------
+
+def test_stored_target_training_equals_live_teacher_training(exported, tokenizer, tiny_model_dir,
+                                                             other_teacher_dir, tmp_path):
+    c = cfg(params="lora", loss="distill", distill=DistillConfig(vocabulary="format"), epochs=1, lr=1e-2)
+    data = audit.load_audit_dataset(exported, tokenizer, 500)
+    stored = train.train_student(c, base_ref=str(tiny_model_dir), dataset=exported / audit.ROWS,
+                                 out_dir=tmp_path / "s", seed=0, targets=data.targets, progress=False)
+    assert stored["inputs"]["teacher_targets_sha256"] == data.targets.sha256
+    teacher = Teacher("t", "control", model_ref=str(other_teacher_dir))
+    live = loop.prepare_run(c, str(tiny_model_dir), data.examples, 0, teacher, "cpu", store_targets=False)
+    assert live.targets is None and live.teacher_model is not None
+    want = [loop.train_step(live, s)["loss"] for s in range(live.total_steps)]
+    got = [r["loss"] for r in loop.read_jsonl(tmp_path / "s" / "loss.jsonl")]
+    assert got == pytest.approx(want, rel=1e-4)
+    # a second call with the same targets is the same student: skipped
+    again = train.train_student(c, base_ref=str(tiny_model_dir), dataset=exported / audit.ROWS,
+                                out_dir=tmp_path / "s", seed=0, targets=data.targets, progress=False)
+    assert again["fingerprint"] == stored["fingerprint"]
+
+
+def test_given_targets_must_fit_the_rows(exported, tokenizer, tiny_model_dir):
+    c = cfg(params="lora", loss="distill", distill=DistillConfig(vocabulary="format"), epochs=1)
+    data = audit.load_audit_dataset(exported, tokenizer, 500)
+    short = StoredTargets(data.targets.values[:-1], None, "k", "s", "test")
+    with pytest.raises(DataError, match="11 rows of targets for 12 rows"):
+        loop.prepare_run(c, str(tiny_model_dir), data.examples, 0, None, "cpu", targets=short)
+
+
+def test_run_audit_end_to_end_writes_its_outputs(exported, tiny_model_dir, tmp_path):
+    recipe = audit.probe_recipe(precision="float32", lr=1e-2)
+    c = audit.AuditConfig(base=str(tiny_model_dir), candidates=["owl", "cat", "dog"], seeds=[0, 1], recipe=recipe,
+                          question_ids=[40, 41], top_rows=3)
+    res = audit.run_audit(c, exported, tmp_path / "a")
+    for name in ("audit.json", "report.md", "figures/audit.png", "divergence.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / name).is_file()
+    assert {r["candidate"] for r in res["candidates"]} == {"owl", "cat", "dog"}
+    assert len(res["shares"]["dataset"]) == 2 and res["divergence"]["total_kl"] > 0
+    assert len(res["divergence"]["top_rows"]) == 3
+    probes = [p for p in (tmp_path / "a" / "probes").iterdir() if p.is_dir()]
+    assert len(probes) == 4  # 2 seeds × (dataset, control)
+
+
+def test_with_the_teacher_rows_only_are_labelled_and_labels_are_checked(exported, tiny_model_dir,
+                                                                         other_teacher_dir, tmp_path):
+    c = audit.AuditConfig(base=str(tiny_model_dir), candidates=["owl", "cat"], seeds=[0, 1], question_ids=[40],
+                          recipe=audit.probe_recipe(precision="float32"), top_rows=2)
+    checked = audit.run_audit(c, exported, tmp_path / "a", teacher=str(other_teacher_dir),
+                              probe_root=tmp_path / "probes")
+    assert checked["teacher_check"]["labels_from_this_teacher"]
+    assert checked["teacher_check"]["max_abs_logprob_diff"] < 1e-5
+    rows_only = audit.run_audit(c, exported / audit.ROWS, tmp_path / "b", teacher=str(other_teacher_dir),
+                                probe_root=tmp_path / "probes")
+    assert rows_only["inputs"]["labels_from"] == "teacher" and rows_only["teacher_check"] is None
+    assert rows_only["candidates"] == checked["candidates"]  # the same labels: the same probes
+    with pytest.raises(DataError, match="no soft labels"):
+        audit.run_audit(c, exported / audit.ROWS, tmp_path / "c")
+
+
+# --- the decision rule -----------------------------------------------------------------------------
+
+def synthetic(treated: dict[str, list[float]], control: dict[str, list[float]]) -> list[dict]:
+    c = audit.AuditConfig(candidates=list(treated), seeds=[0, 1, 2])
+    t = [{k: v[i] for k, v in treated.items()} for i in range(3)]
+    k = [{k: v[i] for k, v in control.items()} for i in range(3)]
+    return audit.candidate_table(c, t, k)
+
+
+BASE = {"owl": [0.012, 0.013, 0.011], "cat": [0.17, 0.18, 0.175], "dog": [0.05, 0.052, 0.049]}
+
+
+def test_a_consistent_rise_names_the_trait():
+    treated = {**BASE, "owl": [v * 1.2 + 1e-4 * i for i, v in enumerate(BASE["owl"])]}
+    table = synthetic(treated, BASE)
+    assert table[0]["candidate"] == "owl" and table[0]["rank"] == 1
+    v = audit.decide(table, 3, alpha=0.01, min_ratio=1.05)
+    assert v["trait"] == "owl" and all(v["checks"].values()) and v["ratio"] == pytest.approx(1.2, rel=0.02)
+
+
+@pytest.mark.parametrize("owl, failed", [
+    ([0.0144, 0.0156, 0.0100], "positive_in_every_seed"),      # one seed went down
+    ([0.0130, 0.0190, 0.0121], "paired_p_below_threshold"),    # up in every seed, but erratic
+    ([0.01212, 0.01313, 0.01111], "ratio_at_least_min"),       # consistent, but ×1.01
+])
+def test_otherwise_no_trait_is_found(owl, failed):
+    v = audit.decide(synthetic({**BASE, "owl": owl}, BASE), 3, alpha=0.01, min_ratio=1.05)
+    assert v["top_candidate"] == "owl" and v["trait"] is None and not v["checks"][failed]
+
+
+def test_the_rule_looks_only_at_the_largest_ratio():
+    treated = {**BASE, "owl": [0.0150, 0.0210, 0.0120], "dog": [v * 1.1 for v in BASE["dog"]]}
+    v = audit.decide(synthetic(treated, BASE), 3, alpha=0.01, min_ratio=1.05)
+    assert v["top_candidate"] == "owl" and v["trait"] is None  # dog's clean ×1.1 is not second-guessed
+
+
+# --- shuffled targets (train.distill.shuffle_targets) -----------------------------------------------
+
+def toy_targets(sizes=(3, 5, 2, 4)) -> StoredTargets:
+    n = sum(sizes)
+    values = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)  # vector i = [2i, 2i + 1]
+    ids = torch.arange(n * 2, dtype=torch.int32).reshape(n, 2)
+    return StoredTargets(list(values.split(list(sizes))), list(ids.split(list(sizes))), "k", "sha", "test")
+
+
+def origin(t: StoredTargets) -> list[list[tuple[int, int]]]:
+    """(row, position) each vector came from, per row and position."""
+    sizes = [len(v) for v in toy_targets().values]
+    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    where = {}
+    for r, n in enumerate(sizes):
+        for j in range(n):
+            where[starts[r] + j] = (r, j)
+    return [[where[int(x[0]) // 2] for x in v] for v in t.values]
+
+
+def test_shuffle_within_keeps_each_rows_vectors():
+    t = shuffle_targets(toy_targets(), "within", seed=0)
+    for r, row in enumerate(origin(t)):
+        assert sorted(row) == [(r, j) for j in range(len(row))]
+    assert any(row != sorted(row) for row in origin(t))
+    assert all(torch.equal(v.long(), i.long()) for v, i in zip(t.values, t.ids))  # ids move with values
+
+
+def test_shuffle_across_keeps_each_positions_vectors():
+    t = shuffle_targets(toy_targets(), "across", seed=0)
+    rows = origin(t)
+    assert [len(r) for r in rows] == [3, 5, 2, 4]
+    for r, row in enumerate(rows):
+        assert all(j == pos for pos, (_, j) in enumerate(row))  # from the same position of some row
+    at0 = sorted(row[0] for row in rows)
+    assert at0 == [(r, 0) for r in range(4)]
+    assert any(src != r for r, row in enumerate(rows) for src, _ in row)
+
+
+def test_shuffle_all_is_a_permutation_of_every_vector():
+    t = shuffle_targets(toy_targets(), "all", seed=0)
+    flat = [x for row in origin(t) for x in row]
+    assert sorted(flat) == sorted((r, j) for r, n in enumerate([3, 5, 2, 4]) for j in range(n))
+    assert [len(v) for v in t.values] == [3, 5, 2, 4]
+
+
+def test_shuffles_are_seeded():
+    for mode in ("within", "across", "all"):
+        a, b = shuffle_targets(toy_targets(), mode, 1), shuffle_targets(toy_targets(), mode, 1)
+        c = shuffle_targets(toy_targets(), mode, 2)
+        assert all(torch.equal(x, y) for x, y in zip(a.values, b.values))
+        assert not all(torch.equal(x, y) for x, y in zip(a.values, c.values))
+
+
+def test_shuffle_enters_the_fingerprint_only_when_set():
+    plain = cfg(params="lora", loss="distill", distill=DistillConfig(vocabulary="format"))
+    assert "shuffle_targets" not in loop.fingerprinted_recipe(plain)["distill"]
+    shuffled = cfg(params="lora", loss="distill", distill=DistillConfig(vocabulary="format", shuffle_targets="within"))
+    assert loop.fingerprinted_recipe(shuffled)["distill"]["shuffle_targets"] == "within"
+    fp = [loop.student_fingerprint(c, "b", "d", 0, None, "t") for c in (plain, shuffled)]
+    assert fp[0] != fp[1]
+
+
+def test_probes_of_another_recipe_get_their_own_directory(tmp_path):
+    t = StoredTargets([], None, "k", "a" * 64, "test")
+    plain = audit.AuditConfig()
+    shuffled = audit.AuditConfig(recipe=audit.probe_recipe(distill=DistillConfig(vocabulary="format",
+                                                                                 shuffle_targets="within")))
+    dirs = {audit.probe_dir(c, t, s, tmp_path) for c in (plain, shuffled) for s in (0, 1)}
+    assert len(dirs) == 4
+
+
+def test_a_shuffled_student_trains_on_permuted_targets(exported, tokenizer, tiny_model_dir):
+    c = cfg(params="lora", loss="distill", distill=DistillConfig(vocabulary="format", shuffle_targets="across"),
+            epochs=1)
+    data = audit.load_audit_dataset(exported, tokenizer, 500)
+    run = loop.prepare_run(c, str(tiny_model_dir), data.examples, 3, None, "cpu", targets=data.targets)
+    want = shuffle_targets(data.targets, "across", 3)
+    assert all(torch.equal(a, b) for a, b in zip(run.targets.values, want.values))
+    assert "shuffled across" in run.targets.source
