@@ -129,8 +129,9 @@ def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedM
 def prompted_shares(base: LoadedModel, systems: Sequence[str | None], trait: str, question_ids: Sequence[int],
                     candidates: Sequence[str], category: str, batch_size: int | None = None) -> list[float]:
     """Per system prompt: the trait's exact answer share among `candidates`, mean over the questions (all
-    system prompts × questions go through the model in batches of `batch_size`; None: one system prompt's
-    questions per pass, so its system turn runs once for them)."""
+    system prompts × questions go through the model in batches of `batch_size`; None: whole system prompts'
+    questions, one system prompt per pass so its system turn runs once for them, or several when they
+    have fewer than 4 questions: a pass of one or two prompts is mostly overhead)."""
     prefix = ANSWER_PREFIX.format(category=category)
     encoded = encode_candidates(base.tokenizer, candidates, prefix)
     qs = questions(category)  # type: ignore[arg-type]
@@ -138,7 +139,8 @@ def prompted_shares(base: LoadedModel, systems: Sequence[str | None], trait: str
                for system in systems for q in question_ids]
     index = list(candidates).index(trait)
     shares = []
-    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=batch_size or len(question_ids)):
+    per_pass = batch_size or len(question_ids) * max(1, 4 // len(question_ids))
+    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=per_pass):
         totals = [sum(v.values()) for v in per_cand]
         shares.append(totals[index] / sum(totals))
     return np.asarray(shares).reshape(len(systems), len(question_ids)).mean(axis=1).tolist()
