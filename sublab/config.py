@@ -37,6 +37,62 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
+DEFENCES = ("mask", "top_k", "min_p", "temperature", "noise", "mix")
+"""The defences of `DefenceConfig`, one of which is set (in this order in error messages)."""
+
+
+class DefenceConfig(StrictModel):
+    """A defence against subliminal transfer: the stored teacher targets are changed before the student
+    trains on them (`sublab.train.defences`), a pure function of the teacher's targets, the base's, this
+    config and the student's seed. Set exactly one of mask, top_k, min_p, temperature, noise, mix."""
+
+    mask: Literal["divergence", "log_ratio", "random"] | None = None
+    """Treat the top `fraction` of all completion positions, ranked by divergence (KL(teacher ‖ base) over
+    the format columns), log_ratio (log p_teacher − log p_base of the token written there) or random (the
+    control defence: the same number of positions, drawn with the student's seed)."""
+    fraction: float | None = Field(None, gt=0, lt=1)
+    """mask: the share of all completion positions treated (e.g. 0.1)."""
+    action: Literal["drop", "base"] | None = None
+    """mask: drop (the positions leave the loss; None means drop) or base (the base's distribution
+    replaces the teacher's there)."""
+    top_k: int | None = Field(None, gt=0)
+    """Keep only the teacher's k most likely format tokens at each position, renormalised."""
+    min_p: float | None = Field(None, gt=0, le=1)
+    """Keep only the format tokens with p ≥ min_p × (the position's largest p), renormalised."""
+    temperature: float | None = Field(None, gt=0)
+    """Targets log_softmax(log p / temperature): < 1 sharpens, > 1 flattens (the student side unchanged;
+    unlike `distill.temperature`, which softens both)."""
+    noise: float | None = Field(None, gt=0)
+    """Gaussian noise of this std (nats) on every target log-probability, renormalised; seeded by the
+    student's seed."""
+    mix: float | None = Field(None, gt=0, lt=1)
+    """This share of the rows (drawn with the student's seed) get the base's targets instead of the
+    teacher's: a dataset pooled from the trait teacher and a neutral one."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DefenceConfig:
+        chosen = [name for name in DEFENCES if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            got = f"got {' and '.join(chosen)}" if chosen else "got none (for no defence, leave `defence` unset)"
+            raise ValueError(f"set exactly one of {', '.join(DEFENCES)}; {got}")
+        if self.mask is not None and self.fraction is None:
+            raise ValueError("`mask` needs `fraction`: the share of positions to treat (e.g. 0.1)")
+        if self.mask is None and (self.fraction is not None or self.action is not None):
+            raise ValueError("`fraction` and `action` only apply to `mask`; remove them (`mix` takes its own "
+                             "share of rows)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Which defence is set."""
+        return next(name for name in DEFENCES if getattr(self, name) is not None)
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the defence reads the base model's targets (ranking by them, or substituting them)."""
+        return self.mix is not None or self.mask in ("divergence", "log_ratio") or self.action == "base"
+
+
 class DistillConfig(StrictModel):
     """Logit distillation: the student matches the teacher's next-token distribution on completions."""
 
@@ -56,12 +112,21 @@ class DistillConfig(StrictModel):
     reads the same tokens. within: across the positions of each row ("shuffle within a response"); across:
     across the rows that have a position at that index ("shuffle across responses", matching positions);
     all: across every position of every row. Enters the student's fingerprint only when not none."""
+    defence: DefenceConfig | None = None
+    """A defence applied to the stored targets before training (`DefenceConfig`); None: none. Needs
+    `vocabulary: format`. Enters the student's fingerprint only when set."""
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         if self.vocabulary == "format" and self.top_k is not None:
             raise ValueError("`train.distill.vocabulary: format` already restricts the target to the "
                              "number-format tokens; leave `top_k` unset")
+        if self.defence is not None and self.vocabulary != "format":
+            raise ValueError("`train.distill.defence` changes stored format targets: it needs "
+                             "`train.distill.vocabulary: format`")
+        if self.defence is not None and self.shuffle_targets != "none":
+            raise ValueError("`train.distill.defence` and `train.distill.shuffle_targets` both change the "
+                             "targets; set one")
         return self
 
 

@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from sublab.train.data import (
     encode_examples,
     load_dataset,
 )
+from sublab.train.defences import apply_defence, written_columns
 from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
 from sublab.train.targets import StoredTargets, load_or_compute, shuffle_targets
 
@@ -180,6 +181,10 @@ class Run:
     """(student, teacher) token ids of format distillation (`cfg.distill.vocabulary == 'format'`)."""
     targets: StoredTargets | None = None
     """The teacher's stored targets for every row (format or top-k distillation): no live teacher then."""
+    defence: dict[str, Any] | None = None
+    """What `train.distill.defence` changed in the targets (`defences.defence_cost`), for the manifest."""
+    base_targets: StoredTargets | None = None
+    """The base model's targets on the rows, when the defence read them."""
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -197,8 +202,10 @@ def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
     logits = completion_logits(run.student.model, batch, s_cols)
     if not run.cfg.distills:
         return sft_loss(logits, batch.targets), batch.n_tokens
+    weights = None
     if run.targets is not None:
         t_lp, t_ids = run.targets.rows(rows, run.device)
+        weights = run.targets.row_weights(rows, run.device)
     else:
         assert run.teacher_pad is not None  # set with teacher_model by prepare_run
         t_batch = collate([(e[i].teacher_prompt or [], e[i].teacher_completion or e[i].completion) for i in rows],
@@ -207,7 +214,17 @@ def micro_loss(run: Run, rows: list[int]) -> tuple[torch.Tensor, int]:
     if e[rows[0]].aligned is not None:  # another tokenizer: keep the positions that spell the same text
         s_at, t_at = aligned_positions([e[i] for i in rows], run.device)
         logits, t_lp = logits[s_at], t_lp[t_at]
-    return distill_loss(logits, t_lp, t_ids, run.cfg.distill.temperature), batch.n_tokens
+        weights = weights[t_at] if weights is not None else None
+    return distill_loss(logits, t_lp, t_ids, run.cfg.distill.temperature, weights), batch.n_tokens
+
+
+def kept_targets(run: Run, i: int) -> float:
+    """Row i's completion tokens that carry a loss, each counted by its weight (a defence's drop: 0)."""
+    e, weights = run.encoded[i], run.targets.weights if run.targets is not None else None
+    if weights is None or not run.cfg.distills:
+        return e.n_targets
+    w = weights[i] if e.aligned is None else weights[i][[b for _, b in e.aligned]]
+    return float(w.sum())
 
 
 def aligned_positions(rows: list[Encoded], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,10 +240,12 @@ def aligned_positions(rows: list[Encoded], device: str) -> tuple[torch.Tensor, t
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
     """One optimizer step over grad_accum micro-batches; the loss is averaged over all their completion
-    tokens (not over micro-batches), as if they were one batch."""
+    tokens (not over micro-batches), as if they were one batch. Positions a defence dropped do not count
+    (else dropping would only scale the learning rate down)."""
     cfg = run.cfg
     micro = run.plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-    n_targets = sum(run.encoded[i].n_targets for rows in micro for i in rows)
+    # a step whose positions were all dropped has loss 0: any normaliser > 0 will do
+    n_targets = max(sum(kept_targets(run, i) for rows in micro for i in rows), 1e-9)
     lr = lr_at(step, cfg, run.total_steps)
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -299,6 +318,8 @@ def fingerprinted_recipe(cfg: TrainConfig) -> dict[str, Any]:
         recipe.pop("lora_init_seed_offset", None)
     if recipe["distill"].get("shuffle_targets") == "none":  # likewise
         recipe["distill"].pop("shuffle_targets")
+    if recipe["distill"].get("defence") is None:  # likewise
+        recipe["distill"].pop("defence", None)
     return recipe
 
 
@@ -346,7 +367,46 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: 
                               "`train.distill.vocabulary: format` or `top_k` (and a teacher whose targets "
                               "can be stored)")
         run.targets = shuffle_targets(run.targets, cfg.distill.shuffle_targets, seed)
+    if cfg.distills and cfg.distill.defence is not None:
+        defend(run, base_ref, seed, progress)
     return run
+
+
+def defend(run: Run, base_ref: str, seed: int, progress: bool = True) -> None:
+    """Apply `train.distill.defence` to the run's stored targets (`sublab.train.defences`), reading the
+    base's targets first when the defence needs them."""
+    defence = run.cfg.distill.defence
+    assert defence is not None
+    if run.targets is None or run.columns is None:
+        raise ConfigError("`train.distill.defence` changes stored targets: it needs `train.distill.vocabulary: "
+                          "format` (and a teacher whose targets can be stored)")
+    written = None
+    if defence.needs_base:
+        if any(e.aligned is not None for e in run.encoded):
+            raise ConfigError(f"`train.distill.defence.{defence.name}` compares the teacher with the base position "
+                              "by position: it needs a teacher with the student's tokenizer")
+        run.base_targets = base_targets(run, base_ref, progress)
+        written = written_columns([e.completion for e in run.encoded], run.columns[0].cpu())
+    run.targets, run.defence = apply_defence(run.targets, run.base_targets, written, defence, seed)
+
+
+def base_targets(run: Run, base_ref: str, progress: bool = True) -> StoredTargets:
+    """The base model's format targets on the run's rows, as the student reads them (its prompt, no system
+    prompt), stored once per (base, rows) in the targets cache.
+
+    Computed with the student's own model before any step, its adapter disabled: that *is* the base (a
+    fresh LoRA adapter adds nothing either, and a full fine-tune has not moved yet), so the numbers are the
+    base's, keyed by the base's sha256 and shared by every student and defence — with no second load."""
+    model = run.student.model
+    as_base = [replace(e, teacher_prompt=e.prompt, teacher_completion=None, aligned=None) for e in run.encoded]
+    assert run.columns is not None
+    was_training = model.training
+    model.eval()
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+        stored = load_or_compute(model, reference_sha256(base_ref), as_base, run.student.tokenizer.pad_token_id,
+                                 run.columns[0], None, run.device, "base", progress)
+    model.train(was_training)
+    return stored
 
 
 def check_given_targets(cfg: TrainConfig, targets: StoredTargets, encoded: list[Encoded],
@@ -445,6 +505,8 @@ def train_student(cfg: TrainConfig, *, base_ref: str, dataset: Path, out_dir: Pa
     if run.targets is not None:
         inputs.update(teacher_targets=run.targets.key, teacher_targets_sha256=run.targets.sha256,
                       teacher_targets_source=run.targets.source)
+    if run.base_targets is not None:
+        inputs.update(base_targets=run.base_targets.key, base_targets_sha256=run.base_targets.sha256)
     return finish(run, out_dir, state, fp, inputs=inputs, seed=seed, t_start=t_start, history=history)
 
 
@@ -474,7 +536,7 @@ def finish(run: Run, out_dir: Path, state: dict[str, Any], fp: str, *, inputs: d
         outputs={**outputs, "rows": len(run.encoded), "steps": state["step"], "tokens": state["tokens"]},
         timings={"train_s": round(state["elapsed"], 2), "wall_s_this_call": round(time.time() - t_start, 2),
                  "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1)},
-        files=files, extra={"loss": loss_summary(history)})
+        files=files, extra={"loss": loss_summary(history), **({"defence": run.defence} if run.defence else {})})
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     log.info("trained %s: loss %.3f → %.3f in %.0f s", out_dir, manifest["loss"]["first"],
              manifest["loss"]["last"], state["elapsed"])

@@ -39,20 +39,26 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor | None,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """Summed forward KL(teacher ‖ student) over completion tokens, × temperature².
+                 temperature: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed forward KL(teacher ‖ student) over completion tokens, × temperature²; with `weights` (N,),
+    each token's KL times its weight (0: a position a defence dropped).
 
     teacher_ids None: teacher_logprobs is (N, V), the full vocabulary. Otherwise both are (N, k): the
     teacher's top-k, renormalised over k; the student's log-probabilities stay normalised over the full
     vocabulary, so the optimum puts exactly the teacher's renormalised mass on those k tokens.
     Format distillation passes both sides' logits over the format tokens only (`completion_logits(...,
     columns)`), so both are renormalised over them and no other token gets any signal.
+    A teacher log-prob of -inf (mass removed by a truncating defence) adds 0, not 0 × inf = NaN.
     """
     s = F.log_softmax(logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logprobs.float() / temperature, dim=-1)
     if teacher_ids is not None:
         s = s.gather(-1, teacher_ids.long())
-    return (t.exp() * (t - s)).sum() * temperature ** 2
+    p = t.exp()
+    kl = torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum(-1)
+    if weights is not None:
+        kl = kl * weights
+    return kl.sum() * temperature ** 2
 
 
 def teacher_targets(teacher_model: Any, batch: Batch, top_k: int | None, columns: torch.Tensor | None = None,

@@ -60,12 +60,19 @@ class StoredTargets:
     sha256: str
     source: str
     """'computed' or 'reused'."""
+    weights: list[torch.Tensor] | None = None
+    """Per row, (n,) loss weights of its positions (0: dropped by a defence, `sublab.train.defences`);
+    None: every position counts once."""
 
     def rows(self, indices: list[int], device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stacked targets of these rows, in order: what a live teacher forward over them returns."""
         values = torch.cat([self.values[i] for i in indices]).to(device)
         ids = torch.cat([self.ids[i] for i in indices]).to(device) if self.ids is not None else None
         return values, ids
+
+    def row_weights(self, indices: list[int], device: str) -> torch.Tensor | None:
+        """The stacked loss weights of these rows' positions, or None when every position counts."""
+        return torch.cat([self.weights[i] for i in indices]).to(device) if self.weights is not None else None
 
 
 def teacher_inputs(encoded: list[Encoded]) -> list[tuple[list[int], list[int]]]:
