@@ -222,3 +222,69 @@ def test_the_shipped_recipe_takes_a_defence():
                                                       "train.distill.defence.fraction=0.1"], runnable_here=False)
     assert exp.train.distill.defence.needs_base and exp.train.distill.defence.name == "mask"
     assert load_experiment("examples/owl-quick.yaml", runnable_here=False).train.distill.defence is None
+
+
+# --- the experiment driver's pure parts (experiments/defences/run.py) -------------------------------------
+
+def driver():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "experiments" / "defences" / "run.py"
+    spec = importlib.util.spec_from_file_location("defences_driver", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fraction_removed_and_its_bootstrap_ci():
+    d = driver()
+    base_t, base_c = [0.020, 0.022, 0.024], [0.010, 0.011, 0.012]  # effect 0.011
+    half = d.effect_stats([0.0155, 0.0165, 0.0175], [0.010, 0.011, 0.012], base_t, base_c, n_boot=2000, seed=1)
+    assert half["effect"] == pytest.approx(0.0055) and half["removed"] == pytest.approx(0.5)
+    assert half["effect_ci"][0] < 0.0055 < half["effect_ci"][1]
+    assert half["removed_ci"][0] < 0.5 < half["removed_ci"][1]
+    same = d.effect_stats(base_t, base_c, base_t, base_c, n_boot=2000, seed=1)
+    assert same["removed"] == pytest.approx(0.0) and same["removed_ci"][0] < 0 < same["removed_ci"][1]
+    again = d.effect_stats([0.0155, 0.0165, 0.0175], [0.010, 0.011, 0.012], base_t, base_c, n_boot=2000, seed=1)
+    assert again == half  # seeded
+
+
+def test_every_named_defence_is_a_valid_experiment_with_held_out_rows():
+    d = driver()
+    assert "none" in d.DEFENCES and d.DEFENCES["random-10"]
+    for name in d.DEFENCES:
+        c = d.experiment(name)
+        assert c.name == f"defence-{name}" and c.eval.kinds == ["animal_prob"]
+        assert (c.train.distill.defence is None) == (name == "none")
+    rows = d.held_out_rows(c)
+    from sublab.domains import get_domain
+
+    train_prompts = {p.text for p in get_domain(c.domain).prompts(c.generate.n_prompts, c.generate.prompt_seed)}
+    assert len(rows) == d.HELD_OUT_ROWS and not {r.user for r in rows} & train_prompts
+
+
+def test_the_utility_probe_is_zero_for_the_teacher_itself(tiny_model_dir, other_teacher_dir):
+    from sublab.teachers import Teacher
+
+    d = driver()
+    c = d.experiment("none")
+    rows = d.held_out_rows(c)[:4]
+    teacher = Teacher("t", "control", model_ref=str(other_teacher_dir))
+    assert d.imitation_kl(str(other_teacher_dir), teacher, rows, c) == pytest.approx(0.0, abs=1e-5)
+    assert d.imitation_kl(str(tiny_model_dir), teacher, rows, c) > 0.01
+
+
+def test_the_table_and_figure_render_a_summary(tmp_path, capsys):
+    d = driver()
+    cost = {"positions_dropped": 0.1, "positions_replaced": 0.0, "rows_replaced": 0.0,
+            "mean_kl_teacher_defended": None, "mean_kl_defended_teacher": 0.2}
+    entry = {"treated_share": 0.02, "control_share": 0.01, "effect": 0.01, "effect_ci": [0.005, 0.015],
+             "removed": 0.4, "removed_ci": [0.1, 0.7], "cost": cost, "utility": {"mean_kl_teacher_student": 0.05}}
+    summary = {"trait": "owl", "metric": "animal_prob",
+               "defences": {"none": {**entry, "removed": 0.0, "removed_ci": [0.0, 0.0]}, "random-10": entry}}
+    d.print_table(summary)
+    out = capsys.readouterr().out
+    assert "random-10" in out and "40%" in out and "inf" in out
+    d.write_figure(summary, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
