@@ -523,6 +523,9 @@ class ExperimentConfig(StrictModel):
             raise ValueError("`generate.completions: random` gives every teacher the same rows, so SFT students "
                              "could not differ; use `train.loss: distill` (students learn the teacher's "
                              "logits on the rows) or `completions: sampled`")
+        if self.train.distill.defence is not None and not self.train.distills:
+            log.warning("`train.distill.defence` changes distillation targets, but `train.loss` is sft: it has no "
+                        "effect")
         for ref in [self.base_model] + ([self.train.cross_model] if self.train.cross_model else []):
             try:
                 check_reference(ref)

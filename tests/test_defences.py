@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sublab import audit
-from sublab.config import DefenceConfig, DistillConfig, load_experiment
+from sublab.config import DefenceConfig, DistillConfig, TrainConfig, load_experiment
 from sublab.errors import ConfigError
 from sublab.models import load_model
 from sublab.train import defences, loop
@@ -196,6 +196,9 @@ def test_a_defended_student_records_its_cost(exported, tokenizer, tiny_model_dir
 def test_defence_enters_the_fingerprint_only_when_set():
     plain, defended = distill_cfg(None), distill_cfg(DefenceConfig(mask="random", fraction=0.1))
     assert "defence" not in loop.fingerprinted_recipe(plain)["distill"]
+    # the pin of tests/test_train.py (the shipped recipe's students, from before defences existed)
+    shipped = TrainConfig(params="lora", loss="distill", lora_init_seed=0, distill=DistillConfig(vocabulary="format"))
+    assert loop.student_fingerprint(shipped, "base", "data", 0, None) == "4a546d61a528b9c2"
     assert loop.fingerprinted_recipe(defended)["distill"]["defence"]["mask"] == "random"
     other = distill_cfg(DefenceConfig(mask="random", fraction=0.2))
     fps = {loop.student_fingerprint(c, "b", "d", 0, None, "t") for c in (plain, defended, other)}
