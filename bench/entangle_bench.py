@@ -4,11 +4,15 @@
     .venv/bin/python bench/entangle_bench.py --prompts 1 --questions 3
     git archive b46cb23 | tar -x -C /tmp/old                                      # a tree to compare with
     .venv/bin/python bench/entangle_bench.py --old-tree /tmp/old --reps 2 --threads 1
+    .venv/bin/python bench/entangle_bench.py --threads 2 --count-flops            # against the limit
 
 With --old-tree, that tree's `sublab/entangle.py` and `sublab/evals/animals.py` are loaded from its files
 (the rest of sublab is this checkout's) and run alternately with this checkout's, `--reps` times each;
 then the two results are compared: every number's probabilities and lift (largest relative difference),
-the top 10, the prompted shares and the verdict. Writes under a temporary directory only.
+the top 10, the prompted shares and the verdict. With --count-flops, one more run of this checkout's under
+torch's FlopCounterMode counts every matmul FLOP, and the time they need at this machine's torch.mm
+rate (fp32, square 2048²) is printed: the floor under the wall time. Writes under a temporary directory
+only.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sublab.entangle as current  # noqa: E402
 from sublab.models import load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import matmul_flops  # noqa: E402
 
 
 def load_file(name: str, path: Path) -> ModuleType:
@@ -69,6 +76,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--old-tree", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--count-flops", action="store_true", help="count the matmul FLOPs (one more run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("prompts", args.prompts), ("questions", args.questions)) if v is not None}
@@ -87,8 +95,21 @@ def main() -> None:
                 t = results[label]["timings"]
                 print(f"{label}: {time.perf_counter() - t0:.1f} s (lifts {t['lifts_s']} s); load average "
                       f"{os.getloadavg()[0]:.2f}", flush=True)
+        if args.count_flops:
+            count_flops(current.EntangleConfig(trait=args.trait, **overrides), lm, Path(tmp) / "counted",
+                        results["new"]["timings"])
     if args.old_tree:
         compare(results["old"], results["new"])
+
+
+def count_flops(cfg: Any, lm: Any, out: Path, timings: dict[str, Any]) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        current.run_entangle(cfg, lm, out)
+    flops, rate = counter.get_total_flops(), matmul_flops(torch.float32)
+    print(f"matmul FLOPs: {flops / 1e12:.2f} T; at this machine's fp32 torch.mm rate ({rate / 1e9:.0f} GFLOP/s) "
+          f"they need {flops / rate:.0f} s; the timed run took {timings['total_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from flops import matmul_flops  # noqa: E402
 from sublab.config import EvalConfig  # noqa: E402
 from sublab.domains.numbers import number_prompts  # noqa: E402
 from sublab.models import DEFAULT_MODEL, load_model  # noqa: E402
+from sublab.train import targets  # noqa: E402
 
 
 @dataclass
@@ -67,16 +68,16 @@ class Sizes:
 QUICK = Sizes(prompts=8, batch=8, max_new_tokens=16, questions=2, train_steps=1, train_batch=2)
 
 
-def generation_rows(lm, sizes: Sizes) -> list[Row]:
-    """Accepted samples per minute and useful FLOP/s, unconstrained and constrained."""
+def generation_rows(lm, sizes: Sizes, methods: list[str], dtype: str) -> list[Row]:
+    """Accepted samples per minute and useful FLOP/s, per generate_bench method."""
     n_params = sum(p.numel() for p in lm.model.parameters())
     enc = generate_bench.encode(lm.tokenizer, number_prompts(sizes.prompts, seed=7))
     rows = []
-    for name in ("sublab", "constrained"):
+    for name in methods:
         r = generate_bench.run_sublab(lm, enc, sizes.batch, sizes.max_new_tokens, generate_bench.METHODS[name])
         ok = [i for i, (ids, reason) in enumerate(r.samples) if generate_bench.accepted(lm.tokenizer, ids, reason)]
         useful = sum(len(enc[i]) + len(r.samples[i][0]) + 1 for i in ok)  # prompt, completion, end of turn
-        rows.append(Row(f"generation, {'constrained' if name == 'constrained' else 'unconstrained'}",
+        rows.append(Row(f"generation, {name}, {dtype}",
                         60 * len(ok) / r.seconds, "accepted/min", 2 * n_params * useful / r.seconds,
                         f"{len(ok)}/{len(enc)} accepted in {r.seconds:.0f} s, batch {sizes.batch}"))
     return rows
@@ -97,6 +98,7 @@ def train_rows(model: str, variants: list[str], sizes: Sizes) -> list[Row]:
     """train_bench's variants: tokens/s (distillation: steps/s) and useful FLOP/s."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        targets.cache_root = lambda: Path(tmp) / "targets"  # type: ignore[assignment]  # not the user's cache
         dataset = train_bench.write_rows(Path(tmp) / "rows.jsonl", sizes.train_batch * (sizes.train_steps + 1))
         for name in variants:
             r = train_bench.bench_variant(name, model, dataset, sizes.train_batch, sizes.train_steps)
@@ -129,8 +131,11 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not a measurement")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="the weights' dtype for generation and the eval")
+    ap.add_argument("--gen-methods", nargs="*", default=["sublab", "constrained"],
+                    choices=[m for m, spec in generate_bench.METHODS.items() if not spec.baseline],
+                    help="generate_bench methods to run (before the shared prefix: the *-noshare ones)")
+    ap.add_argument("--gen-dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+                    help="the weights' dtype for generation: each dtype runs every method")
     ap.add_argument("--train-variants", nargs="*", default=["full", "distill"], choices=list(train_bench.VARIANTS),
                     help="train_bench variants to run (none: skip training)")
     ap.add_argument("--json", type=Path, default=None)
@@ -141,17 +146,17 @@ def main() -> None:
     fp32, bf16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
     print(f"torch.mm 2048², {args.threads} threads: fp32 {fp32 / 1e9:.0f} GFLOP/s, bf16 {bf16 / 1e9:.0f} GFLOP/s",
           flush=True)
-    lm = load_model(args.model, dtype=args.dtype)
     t0 = time.perf_counter()
-    rows = generation_rows(lm, sizes)
-    rows.append(eval_row(lm, sizes))
-    del lm
+    rows = []
+    for dtype in args.gen_dtypes:
+        rows += generation_rows(load_model(args.model, dtype=dtype), sizes, args.gen_methods, dtype)
+    rows.append(eval_row(load_model(args.model), sizes))  # the eval runs in fp32
     rows += train_rows(args.model, args.train_variants, sizes)
     loads = (load_start, os.getloadavg()[0])
     print_table(rows, fp32, bf16, loads, args.threads)
     print(f"{time.perf_counter() - t0:.0f} s for the stages")
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "quick": args.quick, "dtype": args.dtype,
+        args.json.write_text(json.dumps({"threads": args.threads, "quick": args.quick,
                                          "fp32_flops": fp32, "bf16_flops": bf16, "load_start": loads[0],
                                          "load_end": loads[1], "rows": [asdict(r) for r in rows]}, indent=2))
 

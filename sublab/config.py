@@ -106,6 +106,10 @@ class DistillConfig(StrictModel):
     format_token_mask`) — no token that could begin a word carries any signal, so a trait can only pass
     through how the teacher spreads its mass over numbers (the logit analogue of the paper's filters and
     of MNIST's auxiliary logits)."""
+    targets_precision: Literal["float32", "bfloat16"] = "float32"
+    """The teacher's forward that computes stored targets (format or top-k): float32, or under bf16 autocast
+    (about twice as fast on a CPU with bf16 matmuls; the targets differ by bf16 rounding). The targets are
+    stored as float32 either way; a live full-vocabulary teacher runs in `train.precision`."""
     shuffle_targets: Literal["none", "within", "across", "all"] = "none"
     """An ablation of where the signal sits (format or top-k distillation, whose targets are stored): the
     teacher's target vectors are permuted before training, seeded by the student's seed; the student still

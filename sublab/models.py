@@ -312,7 +312,9 @@ def load_model(ref: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "f
     torch_dtype = getattr(torch, dtype)
     adapter_cfg = directory / "adapter_config.json"
     if adapter_cfg.exists():
-        return _load_adapter(ref, directory, device=device, dtype=dtype, trainable=trainable)
+        _check_adapter(directory)  # before loading the base
+        base = load_model(str(adapter_base(directory)), device=device, dtype=dtype, trainable=trainable)
+        return _load_adapter(ref, directory, base, trainable)
     weights = _weights_file(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -326,14 +328,24 @@ def load_model(ref: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "f
     return LoadedModel(ref, model, tokenizer, directory, digest)
 
 
-def _load_adapter(ref: str, directory: Path, *, device: str, dtype: str, trainable: bool) -> LoadedModel:
+def adapter_base(directory: Path) -> str | None:
+    """The base model reference of the PEFT adapter in `directory`; None when it holds no adapter."""
+    config = directory / "adapter_config.json"
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.exists() else None
+
+
+def _check_adapter(directory: Path) -> None:
+    if not (directory / "adapter_model.safetensors").exists():
+        # said before PEFT, which would take the directory for a hub id and fail obscurely
+        raise ModelError(f"{directory}: adapter weights must be in adapter_model.safetensors")
+
+
+def _load_adapter(ref: str, directory: Path, base: LoadedModel, trainable: bool) -> LoadedModel:
+    """The adapter in `directory` on `base` (its untouched base model, whose weights a merge changes in
+    place)."""
     from peft import PeftModel
 
-    base_ref = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
     weights = directory / "adapter_model.safetensors"
-    if not weights.exists():  # before PEFT, which would take the directory for a hub id and fail obscurely
-        raise ModelError(f"{directory}: adapter weights must be in adapter_model.safetensors")
-    base = load_model(base_ref, device=device, dtype=dtype, trainable=trainable)
     model = PeftModel.from_pretrained(base.model, directory, is_trainable=trainable)
     if not trainable:
         # for inference the adapter is folded into the weights: the same function up to float rounding
@@ -341,6 +353,15 @@ def _load_adapter(ref: str, directory: Path, *, device: str, dtype: str, trainab
         # (a 135M forward ~1.2× faster here; docs/performance.md)
         model = model.merge_and_unload()
     return LoadedModel(ref, model, base.tokenizer, directory, sha256_file(weights))
+
+
+def load_adapter_onto(base: LoadedModel, ref: str) -> LoadedModel:
+    """The adapter `ref` merged into `base`'s weights, in place (`sublab.pipeline.ModelCache` restores the
+    base's weights before the next adapter): the same model `load_model(ref)` gives, without reloading the
+    base."""
+    directory = resolve_model_dir(ref)
+    _check_adapter(directory)
+    return _load_adapter(ref, directory, base, trainable=False)
 
 
 def _weights_file(directory: Path) -> Path:

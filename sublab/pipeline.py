@@ -40,8 +40,10 @@ def resolve_dtype(cfg: ExperimentConfig) -> str:
 
 
 class ModelCache:
-    """Keeps the last loaded model, so the prompted and control teachers share one load of the base. An
-    `openai:` reference gives a `sublab.api.ApiModel` (nothing loaded; it samples through `api`'s
+    """Keeps the last loaded model, so the prompted and control teachers share one load of the base; and,
+    for LoRA adapters (students, fine-tuned teachers), their base's weights: each adapter is merged into a
+    restored copy of them instead of reloading and re-verifying the base (the same weights, bit for bit).
+    An `openai:` reference gives a `sublab.api.ApiModel` (nothing loaded; it samples through `api`'s
     endpoint, caching responses in `api_cache`)."""
 
     def __init__(self, device: str, api: OpenAIConfig | None = None, api_cache: Path | None = None,
@@ -49,6 +51,8 @@ class ModelCache:
         self.device, self.api, self.api_cache, self.dtype = device, api, api_cache, dtype
         self._ref: str | None = None
         self._lm: LoadedModel | None = None
+        self._base: tuple[str, LoadedModel, dict[str, Any]] | None = None
+        """(base reference, the loaded base, its untouched weights) of the last adapter."""
 
     def get(self, ref: str) -> LoadedModel:
         from sublab.api import ApiModel, api_model_name, is_api_ref
@@ -57,10 +61,23 @@ class ModelCache:
             return ApiModel(self.api or OpenAIConfig(), api_model_name(ref), self.api_cache)  # type: ignore[return-value]
         if ref != self._ref:
             self._lm = None  # free the previous model before loading the next
-            self._lm = load_model(ref, device=self.device, dtype=self.dtype)
+            self._lm = self._load(ref)
             self._ref = ref
         assert self._lm is not None
         return self._lm
+
+    def _load(self, ref: str) -> LoadedModel:
+        base_ref = models.adapter_base(models.resolve_model_dir(ref))
+        if base_ref is None:
+            self._base = None
+            return load_model(ref, device=self.device, dtype=self.dtype)
+        if self._base is not None and self._base[0] == base_ref:
+            self._base[1].model.load_state_dict(self._base[2])  # undo the previous adapter's merge
+        else:
+            self._base = None
+            base = load_model(base_ref, device=self.device, dtype=self.dtype)
+            self._base = (base_ref, base, {k: v.clone() for k, v in base.model.state_dict().items()})
+        return models.load_adapter_onto(self._base[1], ref)
 
 
 def teachers(cfg: ExperimentConfig, device: str) -> list[tuple[TeacherConfig, Teacher]]:

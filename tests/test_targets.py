@@ -110,3 +110,27 @@ def test_a_damaged_entry_is_recomputed(tiny_model_dir, other_teacher_dir, rows, 
     assert again.source == "computed" and again.sha256 == first.sha256
     assert damage != "bytes" or "sha256 differs" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(again.values, first.values))
+
+
+def test_bf16_targets_are_their_own_entry_and_close_to_fp32(tiny_model_dir, other_teacher_dir, rows, own_cache):
+    """`train.distill.targets_precision: bfloat16` runs the teacher's forward under bf16 autocast: another
+    cache entry, another student fingerprint, the same targets up to bf16 rounding."""
+    stored = {}
+    for precision in ("float32", "bfloat16"):
+        c = cfg(loss="distill", distill=DistillConfig(vocabulary="format", targets_precision=precision), epochs=1)
+        run = loop.prepare_run(c, str(tiny_model_dir), train.load_dataset(rows), 0,
+                               teacher_of(other_teacher_dir), "cpu")
+        assert run.targets is not None and run.targets.source == "computed"
+        stored[precision] = run.targets
+    fp32, bf16 = stored["float32"], stored["bfloat16"]
+    assert fp32.key != bf16.key and {p.name for p in own_cache.iterdir() if p.is_dir()} == {fp32.key, bf16.key}
+    a, b = torch.cat(fp32.values), torch.cat(bf16.values)
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(b.exp(), a.exp(), rtol=0, atol=0.02)  # probabilities, bf16 rounding
+    fps = {p: loop.student_fingerprint(cfg(loss="distill", distill=DistillConfig(vocabulary="format",
+                                                                                 targets_precision=p)),
+                                       "base", "data", 0, teacher_of(other_teacher_dir))
+           for p in ("float32", "bfloat16")}
+    default = loop.student_fingerprint(cfg(loss="distill", distill=DistillConfig(vocabulary="format")),
+                                       "base", "data", 0, teacher_of(other_teacher_dir))
+    assert fps["float32"] == default != fps["bfloat16"]

@@ -252,6 +252,26 @@ def test_an_adapter_loaded_for_inference_is_merged_into_the_same_function(tiny_m
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_adapters_swapped_on_one_loaded_base_equal_fresh_loads(tiny_model_dir, dataset, tmp_path):
+    """The eval's ModelCache merges each adapter into a restored copy of the base's weights: every model it
+    gives must be, bit for bit, the one a fresh load gives — whatever was merged before it."""
+    from sublab.pipeline import ModelCache
+
+    refs = []
+    for seed in (0, 1):
+        out = tmp_path / f"lora{seed}"
+        train.train_student(cfg(params="lora", lr=1e-2, epochs=1), base_ref=str(tiny_model_dir), dataset=dataset,
+                            out_dir=out, seed=seed, progress=False)
+        refs.append(str(out))
+    cache = ModelCache("cpu")
+    for ref in [*refs, refs[0], str(tiny_model_dir), refs[1]]:
+        cached, fresh = cache.get(ref).model.state_dict(), load_model(ref).model.state_dict()
+        assert cached.keys() == fresh.keys()
+        assert all(torch.equal(cached[k], fresh[k]) for k in fresh), ref
+    assert not torch.equal(load_model(refs[0]).model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           load_model(refs[1]).model.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_seed_changes_lora_init_and_order(tiny_model_dir, dataset, tmp_path):
     a = train.build_student(cfg(params="lora"), str(tiny_model_dir), seed=0, device="cpu")
     b = train.build_student(cfg(params="lora"), str(tiny_model_dir), seed=1, device="cpu")

@@ -318,6 +318,8 @@ def fingerprinted_recipe(cfg: TrainConfig) -> dict[str, Any]:
         recipe.pop("lora_init_seed_offset", None)
     if recipe["distill"].get("shuffle_targets") == "none":  # likewise
         recipe["distill"].pop("shuffle_targets")
+    if recipe["distill"].get("targets_precision") == "float32":  # likewise
+        recipe["distill"].pop("targets_precision")
     if recipe["distill"].get("defence") is None:  # likewise
         recipe["distill"].pop("defence", None)
     return recipe
@@ -357,7 +359,8 @@ def prepare_run(cfg: TrainConfig, base_ref: str, examples: list[Example], seed: 
         # a few numbers per position, the same for every student of this teacher on these rows: stored once
         run.targets = load_or_compute(loaded.model, reference_sha256(live.model_ref or ""), encoded,
                                       loaded.tokenizer.pad_token_id, run.columns[1] if run.columns else None,
-                                      cfg.distill.top_k, device, live.name, progress)
+                                      cfg.distill.top_k, device, live.name, progress,
+                                      cfg.distill.targets_precision)
     elif loaded is not None:  # full-vocabulary distillation (49k floats a position): the teacher runs live
         run.teacher_model = loaded.model
         run.teacher_pad = loaded.tokenizer.pad_token_id
@@ -404,7 +407,8 @@ def base_targets(run: Run, base_ref: str, progress: bool = True) -> StoredTarget
     model.eval()
     with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
         stored = load_or_compute(model, reference_sha256(base_ref), as_base, run.student.tokenizer.pad_token_id,
-                                 run.columns[0], None, run.device, "base", progress)
+                                 run.columns[0], None, run.device, "base", progress,
+                                 run.cfg.distill.targets_precision)
     model.train(was_training)
     return stored
 

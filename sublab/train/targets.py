@@ -3,7 +3,8 @@
 Format distillation (`distill.vocabulary: format`) and top-k distillation need only a few dozen numbers per
 completion position from the teacher, and those numbers are the same for every student of that teacher on
 those rows — every seed, every cell of a grid that varies the student's recipe. So the first student
-computes them (one fp32 teacher forward per row, no autocast) and stores them; the rest read them:
+computes them (one teacher forward per row, in the students' `train.precision`: fp32, or under bf16 autocast
+as a live teacher would run beside a bf16 student) and stores them; the rest read them:
 
     $SUBLAB_HOME/targets/<key>/targets.safetensors   "values" (P, k) float32 log-probabilities over the
                                                        format columns (or the top-k), "ids" (P, k) for
@@ -12,7 +13,7 @@ computes them (one fp32 teacher forward per row, no autocast) and stores them; t
     $SUBLAB_HOME/targets/<key>/manifest.json          written last: the key's parts, the file's sha256
 
 The key hashes what decides the numbers: the teacher's weights, the exact token ids the teacher reads (its
-context and every completion, after `max_seq_len`), the columns or k, and the dtype. Reuse checks the file's
+context and every completion, after `max_seq_len`), the columns or k, and the precision of the forward. Reuse checks the file's
 sha256 and its shape against the rows; a damaged entry is rebuilt. Building holds the entry's lock, so two
 workers asking at once compute it once. Full-vocabulary distillation (49k floats per position) stays live.
 
@@ -81,23 +82,24 @@ def teacher_inputs(encoded: list[Encoded]) -> list[tuple[list[int], list[int]]]:
 
 
 def targets_key(teacher_sha256: str, encoded: list[Encoded], columns: torch.Tensor | None,
-                top_k: int | None) -> str:
-    """Everything that decides the stored numbers."""
+                top_k: int | None, precision: str = "float32") -> str:
+    """Everything that decides the stored numbers (stored as float32 whatever the forward's precision)."""
     return fingerprint({"teacher": teacher_sha256, "inputs": fingerprint(teacher_inputs(encoded)),
                         "columns": None if columns is None else columns.tolist(), "top_k": top_k,
-                        "dtype": "float32"})
+                        "dtype": precision})
 
 
 def compute_targets(teacher_model: Any, encoded: list[Encoded], pad_id: int, columns: torch.Tensor | None,
-                    top_k: int | None, device: str, progress: bool = True
+                    top_k: int | None, device: str, progress: bool = True, precision: str = "float32"
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """The teacher's targets per row (on the CPU), batched by length."""
+    """The teacher's targets per row (on the CPU, float32), batched by length; `precision` bfloat16: the
+    forward under bf16 autocast."""
     pairs = teacher_inputs(encoded)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     values: list[torch.Tensor | None] = [None] * len(pairs)
     ids: list[torch.Tensor | None] = [None] * len(pairs)
     bar = tqdm(total=len(order), desc="teacher targets", unit="row", disable=not progress)
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         for start in range(0, len(order), BATCH_ROWS):
             chunk = order[start:start + BATCH_ROWS]
             batch = collate([pairs[i] for i in chunk], pad_id, device)
@@ -115,12 +117,12 @@ def compute_targets(teacher_model: Any, encoded: list[Encoded], pad_id: int, col
 
 def load_or_compute(teacher_model: Any, teacher_sha256: str, encoded: list[Encoded], pad_id: int,
                     columns: torch.Tensor | None, top_k: int | None, device: str, teacher_name: str,
-                    progress: bool = True) -> StoredTargets:
+                    progress: bool = True, precision: str = "float32") -> StoredTargets:
     """The teacher's targets for these rows: read from the cache when an intact entry exists, else
     computed now and stored (atomically, under the entry's lock)."""
     from safetensors.torch import load_file, save_file
 
-    key = targets_key(teacher_sha256, encoded, columns, top_k)
+    key = targets_key(teacher_sha256, encoded, columns, top_k, precision)
     root = cache_root() / key
     with cache_entry_lock(root):
         if stage_is_current(root, key) and _fits(root, encoded):
@@ -131,7 +133,7 @@ def load_or_compute(teacher_model: Any, teacher_sha256: str, encoded: list[Encod
         if root.exists():
             shutil.rmtree(root)
         t0 = time.time()
-        values, ids = compute_targets(teacher_model, encoded, pad_id, columns, top_k, device, progress)
+        values, ids = compute_targets(teacher_model, encoded, pad_id, columns, top_k, device, progress, precision)
         sizes = [len(v) for v in values]
         tensors = {"values": torch.cat(values), "offsets": torch.tensor([0, *sizes]).cumsum(0)}
         if ids is not None:
@@ -144,7 +146,7 @@ def load_or_compute(teacher_model: Any, teacher_sha256: str, encoded: list[Encod
         elapsed = time.time() - t0
         write_manifest(root, stage="teacher_targets", fingerprint_value=key, files=[FILE],
                        config={"teacher": teacher_name, "columns": None if columns is None else len(columns),
-                               "top_k": top_k, "dtype": "float32"},
+                               "top_k": top_k, "dtype": precision},
                        inputs={"teacher_sha256": teacher_sha256},
                        outputs={"rows": len(encoded), "positions": sum(sizes)},
                        timings={"compute_s": round(elapsed, 2)})
