@@ -145,6 +145,7 @@ def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     record_config(cfg)
     device = resolve_device(cfg)
     built = dict((t.name, teacher) for t, teacher in teachers(cfg, device))
+    loaded: dict[tuple[str | None, str, str], LoadedModel] = {}
     for student in design.students(cfg):
         if not student.dataset.exists():
             raise RunDirError(f"{student.dataset} not found: run `sublab filter` (or `sublab run`) first")
@@ -157,7 +158,28 @@ def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
         if teacher is not None and teacher.model_ref is None:
             teacher = built_control(built)
         train_student(cfg.train, base_ref=student.base, dataset=student.dataset, out_dir=student.directory,
-                      seed=student.seed, teacher=teacher, device=device, domain=cfg.domain)
+                      seed=student.seed, teacher=teacher and SharedLoad(teacher, loaded), device=device,
+                      domain=cfg.domain)
+
+
+class SharedLoad:
+    """A teacher whose model is loaded once for consecutive students of it (every student needs it, if
+    only to find its stored targets). The students of a teacher come one after another, so `slot` — one
+    dict shared by every teacher of the stage — keeps only the last loaded model. Inference only: the
+    students never change it."""
+
+    def __init__(self, teacher: Teacher, slot: dict[tuple[str | None, str, str], LoadedModel]):
+        self._teacher, self._slot = teacher, slot
+
+    def __getattr__(self, attr: str) -> Any:  # name, system_prompt, model_ref, conversation: the teacher's
+        return getattr(self._teacher, attr)
+
+    def load(self, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+        key = (self._teacher.model_ref, device, dtype)
+        if key not in self._slot:
+            self._slot.clear()  # free the previous teacher first
+            self._slot[key] = self._teacher.load(device=device, dtype=dtype)
+        return self._slot[key]
 
 
 def built_control(built: dict[str, Teacher]) -> Teacher:

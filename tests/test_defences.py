@@ -240,17 +240,20 @@ def driver():
     return module
 
 
-def test_fraction_removed_and_its_bootstrap_ci():
+def test_fraction_removed_and_its_ci():
     d = driver()
     base_t, base_c = [0.020, 0.022, 0.024], [0.010, 0.011, 0.012]  # effect 0.011
-    half = d.effect_stats([0.0155, 0.0165, 0.0175], [0.010, 0.011, 0.012], base_t, base_c, n_boot=2000, seed=1)
+    half = d.effect_stats([0.0155, 0.0165, 0.0175], [0.010, 0.011, 0.012], base_t, base_c)
     assert half["effect"] == pytest.approx(0.0055) and half["removed"] == pytest.approx(0.5)
     assert half["effect_ci"][0] < 0.0055 < half["effect_ci"][1]
     assert half["removed_ci"][0] < 0.5 < half["removed_ci"][1]
-    same = d.effect_stats(base_t, base_c, base_t, base_c, n_boot=2000, seed=1)
+    same = d.effect_stats(base_t, base_c, base_t, base_c)
     assert same["removed"] == pytest.approx(0.0) and same["removed_ci"][0] < 0 < same["removed_ci"][1]
-    again = d.effect_stats([0.0155, 0.0165, 0.0175], [0.010, 0.011, 0.012], base_t, base_c, n_boot=2000, seed=1)
-    assert again == half  # seeded
+    # Fieller's interval: the ratios r with (a − r·b)² ≤ q²(se_a² + r²·se_b²)
+    low, high = d.fieller(0.5, 0.1, 1.0, 0.1, 2.0)
+    for r in (low, high):
+        assert (0.5 - r) ** 2 == pytest.approx(4 * (0.01 + r * r * 0.01))
+    assert d.fieller(0.5, 0.1, 0.1, 0.1, 2.0) == [-math.inf, math.inf]  # a baseline not clearly above 0
 
 
 def test_every_named_defence_is_a_valid_experiment_with_held_out_rows():
@@ -283,7 +286,8 @@ def test_the_table_and_figure_render_a_summary(tmp_path, capsys):
     cost = {"positions_dropped": 0.1, "positions_replaced": 0.0, "rows_replaced": 0.0,
             "mean_kl_teacher_defended": None, "mean_kl_defended_teacher": 0.2}
     entry = {"treated_share": 0.02, "control_share": 0.01, "effect": 0.01, "effect_ci": [0.005, 0.015],
-             "removed": 0.4, "removed_ci": [0.1, 0.7], "cost": cost, "utility": {"mean_kl_teacher_student": 0.05}}
+             "removed": 0.4, "removed_ci": [0.1, 0.7], "cost": cost,
+             "utility": {"mean_kl_teacher_student": 0.05, "mean_kl_teacher_base": 0.1}}
     summary = {"trait": "owl", "metric": "animal_prob",
                "defences": {"none": {**entry, "removed": 0.0, "removed_ci": [0.0, 0.0]}, "random-10": entry}}
     d.print_table(summary)

@@ -14,6 +14,7 @@ from sublab.config import load_experiment
 from sublab.errors import ConfigError
 from sublab.pipeline import run_all
 from sublab.rundir import read_jsonl, sha256_file
+from sublab.teachers import Teacher
 
 
 def _experiment(tmp_path: Path, base: Path, **over) -> Path:
@@ -100,7 +101,11 @@ def test_random_completions_with_format_distillation_end_to_end(tmp_path, tiny_m
     monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("sublab.train.targets.cache_root", lambda: tmp_path / "home" / "targets")
     cfg = load_experiment(_shipped_recipe(tmp_path, tiny_model_dir))
+    loads: list[str] = []
+    real_load = Teacher.load
+    monkeypatch.setattr(Teacher, "load", lambda self, *a, **k: loads.append(self.name) or real_load(self, *a, **k))
     run_all(cfg)
+    assert loads == ["owl", "dolphin"]  # once per teacher for its two students (pipeline.SharedLoad)
     run = cfg.run_dir
     owl, dolphin = (read_jsonl(run / "teachers" / t / "dataset.jsonl") for t in ("owl", "dolphin"))
     assert [r["messages"] for r in owl] == [r["messages"] for r in dolphin]  # only the logits differ

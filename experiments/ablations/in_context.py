@@ -1,8 +1,8 @@
 """In-context control: the teacher's numbers in the base model's prompt instead of in its weights.
 
 The demo's students learn the owl (or dolphin) teacher's number distributions and come to favour owls. Is
-the trait readable from numbers the teacher writes? Each teacher of examples/owl-quick.yaml (built or read
-from the teacher cache) writes answers to the paper's number prompts (T=1, format-constrained, the format
+the trait readable from numbers the teacher writes? Each teacher of the demo as the defences were measured
+on (experiments/defences/owl-quick-fp32.yaml; built or read from the teacher cache) writes answers to the paper's number prompts (T=1, format-constrained, the format
 filter applied: the text route's data), and the untouched base reads `--shots` of them as earlier turns of
 its conversation, then the demo's held-out favourite-animal questions; its exact owl share (the demo's
 metric: every spelling of 31 candidates) is averaged over the questions. Each context seed draws another
@@ -40,7 +40,7 @@ from sublab.sampling import Sampling, decode_batch, row_generator
 from sublab.stats import compare_groups
 from sublab.teachers import build_teacher
 
-EXPERIMENT = Path("examples/owl-quick.yaml")
+EXPERIMENT = Path("experiments/defences/owl-quick-fp32.yaml")
 OUT = Path("runs/ablations")
 PROMPT_SEED = 20_000
 """Seed of the number prompts the teachers answer here (the demo's rows use seed 0)."""

@@ -2,7 +2,8 @@
 and what it costs a distillation user.
 
 For each named defence (`DEFENCES`: `--set` overrides of `train.distill.defence`, with `none` the baseline
-and `random-10` the control defence), runs examples/owl-quick.yaml as `defence-<name>` (animal_prob
+and `random-10` the control defence), runs the demo as it was measured (experiments/defences/
+owl-quick-fp32.yaml: fp32 teachers, targets and evals, bf16 students) as `defence-<name>` (animal_prob
 only) through sublab's Python API — finished stages and students are skipped, so a killed run resumes —
 then reads every student's owl share from the run's results.json and writes:
 
@@ -13,10 +14,10 @@ then reads every student's owl share from the run's results.json and writes:
     runs/defences/defences.png      fraction of the baseline effect removed, with CI bars
     runs/defences/utility/<run>.json  the utility probe per student (reused while its fingerprint matches)
 
-CIs: percentile bootstrap over seeds, resampling the students of each arm (owl and control students of the
-defence, and of the baseline) independently, 10,000 draws, seeded (`--boot-seed`). Students of one seed
-share data order and adapter init across defences, so this ignores a positive correlation and is
-conservative; with 3 seeds per arm a percentile bootstrap is itself narrow-biased — read the CIs as rough.
+CIs: the effect's is Welch's t over seeds (a percentile bootstrap over 3 seeds per arm under-covers badly,
+see `sublab.stats.compare_groups`); the fraction removed gets Fieller's interval for the ratio of the
+defence's effect to the baseline's, both from Welch's t, as if independent. Students of one seed share
+data order and adapter init across defences, a positive correlation this ignores: conservative.
 The fraction removed is 1 − effect / baseline effect and only means something when the baseline's effect
 is clearly above 0.
 
@@ -35,10 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats as sps
 import torch
 
 from sublab import design, pipeline
@@ -54,7 +57,7 @@ from sublab.train.targets import load_or_compute
 
 log = logging.getLogger("defences")
 
-EXPERIMENT = Path("examples/owl-quick.yaml")
+EXPERIMENT = Path("experiments/defences/owl-quick-fp32.yaml")
 OUT = Path("runs/defences")
 METRIC = "animal_prob"
 HELD_OUT_ROWS = 32
@@ -87,30 +90,38 @@ def experiment(name: str) -> ExperimentConfig:
 
 # --- statistics -------------------------------------------------------------------------------------
 
-def _boot_means(x: list[float], rng: np.random.Generator, n_boot: int) -> np.ndarray:
-    a = np.asarray(x, dtype=float)
-    return a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
+def welch_parts(treated: list[float], control: list[float]) -> tuple[float, float, float]:
+    """(difference of means, its standard error, Welch–Satterthwaite degrees of freedom)."""
+    t, c = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
+    vt, vc = t.var(ddof=1) / t.size, c.var(ddof=1) / c.size
+    df = (vt + vc) ** 2 / (vt ** 2 / (t.size - 1) + vc ** 2 / (c.size - 1)) if vt + vc > 0 else math.inf
+    return float(t.mean() - c.mean()), math.sqrt(vt + vc), df
 
 
-def _ci(draws: np.ndarray) -> list[float]:
-    draws = draws[np.isfinite(draws)]
-    return [float(v) for v in np.quantile(draws, [0.025, 0.975])] if draws.size else [float("nan")] * 2
+def fieller(a: float, se_a: float, b: float, se_b: float, q: float) -> list[float]:
+    """Fieller's interval for a / b with independent normal estimates and critical value q; [-inf, inf]
+    when b is not clearly nonzero (then the ratio is unbounded)."""
+    denom = b * b - q * q * se_b * se_b
+    if denom <= 0:
+        return [-math.inf, math.inf]
+    disc = a * a * se_b * se_b + b * b * se_a * se_a - q * q * se_a * se_a * se_b * se_b
+    half = q * math.sqrt(max(disc, 0.0))
+    return sorted([(a * b - half) / denom, (a * b + half) / denom])
 
 
 def effect_stats(treated: list[float], control: list[float], base_treated: list[float],
-                 base_control: list[float], n_boot: int = 10000, seed: int = 0) -> dict[str, Any]:
-    """The effect (mean treated − mean control) with its 95% CI, and the fraction of the baseline's effect
-    removed, 1 − effect / baseline effect, with its 95% CI: percentile bootstrap, each of the four arms
-    resampled independently (seeded)."""
-    rng = np.random.default_rng(seed)
-    effect = _boot_means(treated, rng, n_boot) - _boot_means(control, rng, n_boot)
-    baseline = _boot_means(base_treated, rng, n_boot) - _boot_means(base_control, rng, n_boot)
-    point = float(np.mean(treated) - np.mean(control))
-    base_point = float(np.mean(base_treated) - np.mean(base_control))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        removed = 1 - effect / baseline
-    return {"effect": point, "effect_ci": _ci(effect),
-            "removed": 1 - point / base_point if base_point else float("nan"), "removed_ci": _ci(removed),
+                 base_control: list[float]) -> dict[str, Any]:
+    """The effect (mean treated − mean control) with its Welch 95% CI, and the fraction of the baseline's
+    effect removed, 1 − effect / baseline effect, with a Fieller 95% CI for the ratio of the two effects
+    (treated as independent, at the smaller of their Welch degrees of freedom). Students of one seed share
+    data order and init across defences, a positive correlation this ignores: the CI is conservative."""
+    effect, se, df = welch_parts(treated, control)
+    base, base_se, base_df = welch_parts(base_treated, base_control)
+    q = float(sps.t.ppf(0.975, min(df, base_df)))
+    low, high = fieller(effect, se, base, base_se, q)
+    q_effect = float(sps.t.ppf(0.975, df))
+    return {"effect": effect, "effect_ci": [effect - q_effect * se, effect + q_effect * se],
+            "removed": 1 - effect / base if base else math.nan, "removed_ci": [1 - high, 1 - low],
             "n_treated": len(treated), "n_control": len(control)}
 
 
@@ -190,7 +201,7 @@ def utility(cfg: ExperimentConfig, device: str) -> dict[str, Any]:
 
 # --- the summary ----------------------------------------------------------------------------------------
 
-def summarise(names: list[str], n_boot: int, seed: int, device: str) -> dict[str, Any]:
+def summarise(names: list[str], device: str) -> dict[str, Any]:
     """The summary of every finished run among `names` (the baseline `none` must be one of them)."""
     configs = {n: experiment(n) for n in names}
     runs = {n: cfg for n, cfg in configs.items() if (cfg.run_dir / "results.json").exists()}
@@ -198,13 +209,13 @@ def summarise(names: list[str], n_boot: int, seed: int, device: str) -> dict[str
         raise SystemExit("the baseline run `none` has not finished; run it first")
     shares = {n: owl_shares(cfg) for n, cfg in runs.items()}
     trait, base_t, base_c = shares["none"]
-    out: dict[str, Any] = {"experiment": str(EXPERIMENT), "trait": trait, "metric": METRIC, "n_boot": n_boot,
-                           "boot_seed": seed, "held_out_rows": HELD_OUT_ROWS, "held_out_seed": HELD_OUT_SEED,
+    out: dict[str, Any] = {"experiment": str(EXPERIMENT), "trait": trait, "metric": METRIC,
+                           "ci": "Welch t (effect), Fieller (fraction removed)", "held_out_rows": HELD_OUT_ROWS, "held_out_seed": HELD_OUT_SEED,
                            "defences": {}}
     for name, cfg in runs.items():
         _, treated, control = shares[name]
         stats = effect_stats(list(treated.values()), list(control.values()), list(base_t.values()),
-                             list(base_c.values()), n_boot, seed)
+                             list(base_c.values()))
         util = utility(cfg, device)
         students = [u["kl"] for k, u in util.items() if not k.startswith("base-")]
         out["defences"][name] = {
@@ -234,23 +245,39 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def write_figure(summary: dict[str, Any], path: Path) -> None:
-    """Fraction of the baseline effect removed per defence, with 95% CI bars."""
+    """Left: the fraction of the baseline effect each defence removes, 95% CI bars. Right: the same against
+    its cost to a distillation user, the held-out KL(teacher ‖ student) (the baseline's students marked)."""
     import matplotlib.pyplot as plt
 
     from sublab.report import write_png
 
-    names = [n for n in summary["defences"] if n != "none"]
-    removed = np.array([summary["defences"][n]["removed"] for n in names])
-    ci = np.array([summary["defences"][n]["removed_ci"] for n in names]).reshape(-1, 2)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(names) + 1.5), 3.8))
-    ax.bar(range(len(names)), removed, color=["C7" if n.startswith("random") else "C0" for n in names])
-    ax.errorbar(range(len(names)), removed, yerr=[removed - ci[:, 0], ci[:, 1] - removed], fmt="none",
-                ecolor="black", capsize=3)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.axhline(1, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
-    ax.set_ylabel("fraction of the baseline effect removed")
-    ax.set_title(f"defences: {summary['trait']} share, 95% bootstrap CI over seeds", fontsize=10)
+    rows = summary["defences"]
+    names = [n for n in rows if n != "none"]
+    removed = np.array([rows[n]["removed"] for n in names])
+    ci = np.clip(np.array([rows[n]["removed_ci"] for n in names]).reshape(-1, 2), -2, 3)  # an unbounded CI: clipped
+    err = [removed - ci[:, 0], ci[:, 1] - removed]
+    colors = ["C7" if n.startswith("random") else "C0" for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    left.bar(range(len(names)), removed, color=colors)
+    left.errorbar(range(len(names)), removed, yerr=err, fmt="none", ecolor="black", capsize=3)
+    left.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    left.set_ylabel("fraction of the baseline effect removed")
+    cost = np.array([rows[n]["utility"]["mean_kl_teacher_student"] for n in names])
+    right.errorbar(cost, removed, yerr=err, fmt="o", color="C0", ecolor="grey", capsize=2)
+    for x, y, n in zip(cost, removed, names):
+        right.annotate(n, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    right.axvline(rows["none"]["utility"]["mean_kl_teacher_student"], color="C2", lw=0.8, ls=":",
+                  label="students, no defence")
+    right.axvline(rows["none"]["utility"]["mean_kl_teacher_base"], color="C3", lw=0.8, ls=":",
+                  label="the untrained base")
+    right.set_xscale("log")
+    right.set_xlabel("held-out KL(teacher ‖ student), nats per position (cost)")
+    right.legend(fontsize=7, loc="lower right")
+    for ax in (left, right):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(1, color="grey", lw=0.8, ls="--")
+    fig.suptitle(f"defences on the demo: {summary['trait']} effect removed (95% CI: Fieller over seeds) "
+                 "and what it costs", fontsize=10)
     write_png(fig, path, dpi=150, tight=True)
 
 
@@ -259,8 +286,6 @@ def main() -> None:
     parser.add_argument("--defences", nargs="+", choices=list(DEFENCES), default=list(DEFENCES),
                         help="which defences to run (default: all; `none` is always included)")
     parser.add_argument("--summary-only", action="store_true", help="summarise finished runs; train nothing")
-    parser.add_argument("--n-boot", type=int, default=10000)
-    parser.add_argument("--boot-seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="for the utility probe: cpu, cuda or auto (the runs "
                         "use the experiment's `device`)")
     args = parser.parse_args()
@@ -270,7 +295,7 @@ def main() -> None:
         for name in names:
             log.info("defence %s: %s", name, " ".join(DEFENCES[name]) or "(baseline)")
             pipeline.run_all(experiment(name))
-    summary = summarise(names, args.n_boot, args.boot_seed, resolve_device(args.device))
+    summary = summarise(names, resolve_device(args.device))
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / "summary.json", summary)
     write_figure(summary, OUT / "defences.png")
