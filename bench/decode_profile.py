@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import generate_bench  # noqa: E402
-from flops import matmul_flops  # noqa: E402
+from flops import matmul_flops, mm_seconds  # noqa: E402
 
 from sublab.domains.numbers import number_prompts  # noqa: E402
 from sublab.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -91,13 +91,7 @@ def shape_rate(model: torch.nn.Module, rows: int, dtype: torch.dtype, seconds: f
     distinct = {s: shapes.count(s) for s in shapes}
     total_flops, total_s = 0.0, 0.0
     for (k, n), count in distinct.items():
-        a, w = torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        torch.mm(a, w)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            torch.mm(a, w)
-            reps += 1
-        per_call = (time.perf_counter() - t0) / reps
+        per_call = mm_seconds(torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype), seconds)
         total_flops += count * 2 * rows * k * n
         total_s += count * per_call
     return total_flops / total_s

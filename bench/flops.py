@@ -10,12 +10,17 @@ import time
 import torch
 
 
-def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 2.0) -> float:
-    """Sustained FLOP/s of a square torch.mm at the current torch thread count."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def mm_seconds(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    """Seconds per torch.mm(a, b), sustained over `seconds` after a warm-up call."""
     torch.mm(a, b)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         torch.mm(a, b)
         n += 1
-    return 2 * size ** 3 * n / (time.perf_counter() - t0)
+    return (time.perf_counter() - t0) / n
+
+
+def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of a square torch.mm at the current torch thread count."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return 2 * size ** 3 / mm_seconds(a, b, seconds)
