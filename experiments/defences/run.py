@@ -11,7 +11,8 @@ then reads every student's owl share from the run's results.json and writes:
                                     (difference) with a 95% CI, the fraction of the baseline effect removed
                                     with a 95% CI, the defence's cost from the students' manifests, and the
                                     utility probe
-    runs/defences/defences.png      fraction of the baseline effect removed, with CI bars
+    runs/defences/defences.png      fraction of the baseline effect removed (CI bars), alone and against
+                                    the utility probe
     runs/defences/utility/<run>.json  the utility probe per student (reused while its fingerprint matches)
 
 CIs: the effect's is Welch's t over seeds (a percentile bootstrap over 3 seeds per arm under-covers badly,
