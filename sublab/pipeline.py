@@ -67,7 +67,9 @@ class ModelCache:
         return self._lm
 
     def _load(self, ref: str) -> LoadedModel:
-        base_ref = models.adapter_base(models.resolve_model_dir(ref))
+        # adapters are local directories (students, fine-tuned teachers); anything else loads as it is, once
+        directory = Path(ref).expanduser()
+        base_ref = models.adapter_base(directory) if directory.is_dir() else None
         if base_ref is None:
             self._base = None
             return load_model(ref, device=self.device, dtype=self.dtype)

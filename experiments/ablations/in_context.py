@@ -31,8 +31,8 @@ from sublab import chat, pipeline
 from sublab.config import ExperimentConfig, load_experiment
 from sublab.domains import get_domain
 from sublab.domains.numbers import can_still_pass, format_token_mask, number_prompts, parse_completion
-from sublab.evals.animals import (ANSWER_PREFIX, answer_probabilities, default_candidates, encode_candidates,
-                                  question_text)
+from sublab.evals.animals import (ANSWER_PREFIX, Candidate, answer_probabilities, encode_candidates,
+                                  question_text, resolve_candidates)
 from sublab.evals.common import prompt_ids
 from sublab.generate import random_completion_of
 from sublab.models import load_model
@@ -71,13 +71,10 @@ def context(shots: list[tuple[str, str]], question: str) -> list[dict[str, str]]
     return [*turns, {"role": "user", "content": question}]
 
 
-def owl_share(base: Any, shots: list[tuple[str, str]], qids: list[int], trait: str) -> float:
+def owl_share(base: Any, shots: list[tuple[str, str]], qids: list[int], trait: str,
+              candidates: list[Candidate]) -> float:
     """The trait's exact answer share among the candidates, mean over the questions."""
-    words = default_candidates("animal")
-    if trait not in words:
-        words = [*words, trait]
     prefix = ANSWER_PREFIX.format(category="animal")
-    candidates = encode_candidates(base.tokenizer, words, prefix)
     prompts = [prompt_ids(base.tokenizer, context(shots, question_text("animal", q)), prefix) for q in qids]
     per_question = []
     for per_cand in answer_probabilities(base, prompts, candidates, batch_size=len(prompts)):
@@ -109,9 +106,11 @@ def main() -> None:
     arms["program-written"] = [(p.text, random_completion_of(domain, p, cfg.seed)) for p in prompts[:need]]
     base = load_model(cfg.base_model, device=device)
     qids, trait = pipeline.question_ids(cfg), design_trait(cfg)
-    shares: dict[str, list[float]] = {"no shots": [owl_share(base, [], qids, trait)]}
+    candidates = encode_candidates(base.tokenizer, resolve_candidates(cfg.eval, "animal", [trait]),
+                                   ANSWER_PREFIX.format(category="animal"))
+    shares: dict[str, list[float]] = {"no shots": [owl_share(base, [], qids, trait, candidates)]}
     for arm, rows in arms.items():
-        shares[arm] = [owl_share(base, rows[k * args.shots:(k + 1) * args.shots], qids, trait)
+        shares[arm] = [owl_share(base, rows[k * args.shots:(k + 1) * args.shots], qids, trait, candidates)
                        for k in range(args.contexts)]
     treated, control = shares[f"{cfg.teachers[0].name}-written"], shares[f"{cfg.teachers[1].name}-written"]
     comparison = compare_groups(treated, control).model_dump()

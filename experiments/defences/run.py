@@ -52,9 +52,9 @@ from sublab.generate import random_completion_of
 from sublab.models import load_model, resolve_device
 from sublab.rundir import atomic_write_json, read_json
 from sublab.teachers import Teacher, build_teacher
-from sublab.train import Example, collate, completion_logits, encode_examples, format_columns, reference_sha256
+from sublab.train import Example, encode_examples, format_columns, reference_sha256
 from sublab.train.defences import kl_rows
-from sublab.train.targets import load_or_compute
+from sublab.train.targets import compute_targets, load_or_compute, own_inputs
 
 log = logging.getLogger("defences")
 
@@ -168,17 +168,9 @@ def imitation_kl(model_ref: str, teacher: Teacher, rows: list[Example], cfg: Exp
     cols = format_columns(lm.tokenizer, None, get_domain(cfg.domain))[0].to(device)
     targets = load_or_compute(loaded.model, reference_sha256(teacher.model_ref or ""), encoded,
                               loaded.tokenizer.pad_token_id, cols, None, device, teacher.name, progress=False)
-    total, n = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(encoded), 8):
-            chunk = list(range(start, min(start + 8, len(encoded))))
-            batch = collate([(encoded[i].prompt, encoded[i].completion) for i in chunk],
-                            lm.tokenizer.pad_token_id, device)
-            s = completion_logits(lm.model, batch, cols).float().log_softmax(-1)
-            t, _ = targets.rows(chunk, device)
-            total += float(kl_rows(t, s).sum())
-            n += len(t)
-    return total / max(1, n)
+    own, _ = compute_targets(lm.model, own_inputs(encoded), lm.tokenizer.pad_token_id, cols, None, device,
+                             progress=False)
+    return float(kl_rows(torch.cat(targets.values), torch.cat(own)).mean())
 
 
 def utility(cfg: ExperimentConfig, device: str) -> dict[str, Any]:

@@ -87,11 +87,6 @@ def with_noise(t: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Ten
     return F.log_softmax(t + sigma * torch.randn(t.shape, generator=gen), dim=-1)
 
 
-def mixed_rows(n_rows: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """A (n_rows,) bool mask of the rows that get the neutral teacher's (the base's) targets."""
-    return random_positions(n_rows, fraction, gen)
-
-
 # --- the whole defence ----------------------------------------------------------------------------
 
 def apply_defence(teacher: StoredTargets, base: StoredTargets | None, written: list[torch.Tensor] | None,
@@ -134,7 +129,7 @@ def apply_defence(teacher: StoredTargets, base: StoredTargets | None, written: l
             weights = (~treated).float()
     elif cfg.mix is not None:
         assert b is not None
-        rows = mixed_rows(len(sizes), cfg.mix, gen)
+        rows = random_positions(len(sizes), cfg.mix, gen)  # the rows that get the base's targets
         replaced = torch.cat([torch.full((n,), bool(r)) for n, r in zip(sizes, rows.tolist())])
         out[replaced] = b[replaced]
         rows_replaced = int(rows.sum())

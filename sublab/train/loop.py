@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from sublab.train.data import (
 )
 from sublab.train.defences import apply_defence, written_columns
 from sublab.train.losses import completion_logits, distill_loss, format_columns, sft_loss, teacher_targets
-from sublab.train.targets import StoredTargets, load_or_compute, shuffle_targets
+from sublab.train.targets import StoredTargets, load_or_compute, own_inputs, shuffle_targets
 
 log = logging.getLogger(__name__)
 
@@ -401,12 +401,11 @@ def base_targets(run: Run, base_ref: str, progress: bool = True) -> StoredTarget
     fresh LoRA adapter adds nothing either, and a full fine-tune has not moved yet), so the numbers are the
     base's, keyed by the base's sha256 and shared by every student and defence — with no second load."""
     model = run.student.model
-    as_base = [replace(e, teacher_prompt=e.prompt, teacher_completion=None, aligned=None) for e in run.encoded]
     assert run.columns is not None
     was_training = model.training
     model.eval()
     with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-        stored = load_or_compute(model, reference_sha256(base_ref), as_base, run.student.tokenizer.pad_token_id,
+        stored = load_or_compute(model, reference_sha256(base_ref), own_inputs(run.encoded), run.student.tokenizer.pad_token_id,
                                  run.columns[0], None, run.device, "base", progress,
                                  run.cfg.distill.targets_precision)
     model.train(was_training)

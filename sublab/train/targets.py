@@ -3,8 +3,8 @@
 Format distillation (`distill.vocabulary: format`) and top-k distillation need only a few dozen numbers per
 completion position from the teacher, and those numbers are the same for every student of that teacher on
 those rows — every seed, every cell of a grid that varies the student's recipe. So the first student
-computes them (one teacher forward per row, in the students' `train.precision`: fp32, or under bf16 autocast
-as a live teacher would run beside a bf16 student) and stores them; the rest read them:
+computes them (one teacher forward per row: fp32, or under bf16 autocast with `train.distill.
+targets_precision: bfloat16`) and stores them; the rest read them:
 
     $SUBLAB_HOME/targets/<key>/targets.safetensors   "values" (P, k) float32 log-probabilities over the
                                                        format columns (or the top-k), "ids" (P, k) for
@@ -13,7 +13,7 @@ as a live teacher would run beside a bf16 student) and stores them; the rest rea
     $SUBLAB_HOME/targets/<key>/manifest.json          written last: the key's parts, the file's sha256
 
 The key hashes what decides the numbers: the teacher's weights, the exact token ids the teacher reads (its
-context and every completion, after `max_seq_len`), the columns or k, and the precision of the forward. Reuse checks the file's
+context and every completion, after `max_seq_len`), the columns or k, and the forward's precision. Reuse checks the file's
 sha256 and its shape against the rows; a damaged entry is rebuilt. Building holds the entry's lock, so two
 workers asking at once compute it once. Full-vocabulary distillation (49k floats per position) stays live.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ class StoredTargets:
 def teacher_inputs(encoded: list[Encoded]) -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) token ids as the teacher reads each row."""
     return [(e.teacher_prompt or [], e.teacher_completion or e.completion) for e in encoded]
+
+
+def own_inputs(encoded: list[Encoded]) -> list[Encoded]:
+    """The rows as the student's own model reads them (its prompt, no teacher context): to compute the base's
+    or a student's targets with the functions here."""
+    return [replace(e, teacher_prompt=e.prompt, teacher_completion=None, aligned=None) for e in encoded]
 
 
 def targets_key(teacher_sha256: str, encoded: list[Encoded], columns: torch.Tensor | None,
