@@ -407,6 +407,11 @@ class TrainConfig(RecipeConfig):
     """A different base (e.g. 'embedded:gemma3-270m') trained on the same data as a cross-model control."""
     checkpoint_every: int = Field(50, gt=0)
     """Optimizer steps between resumable checkpoints."""
+    workers: int = Field(1, ge=1)
+    """Students trained at once, each in its own process with an equal share of the torch threads (CPU
+    only; `sublab run`/`sublab train`). On 2 cores, 2 workers × 1 thread train ~1.3× faster than 1 × 2
+    (docs/performance.md). Not part of the recipe: a student's numbers depend on its thread count only
+    at float rounding, and a student trained either way is reused by the other."""
 
 
 class EvalConfig(StrictModel):

@@ -147,7 +147,7 @@ def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
     record_config(cfg)
     device = resolve_device(cfg)
     built = dict((t.name, teacher) for t, teacher in teachers(cfg, device))
-    loaded: dict[tuple[str | None, str, str], LoadedModel] = {}
+    jobs: list[tuple[design.Student, Teacher | None]] = []
     for student in design.students(cfg):
         if not student.dataset.exists():
             raise RunDirError(f"{student.dataset} not found: run `sublab filter` (or `sublab run`) first")
@@ -159,9 +159,43 @@ def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
         teacher = built[student.teacher.name] if cfg.train.distills else None
         if teacher is not None and teacher.model_ref is None:
             teacher = built_control(built)
+        jobs.append((student, teacher))
+    if cfg.train.workers > 1 and len(jobs) > 1 and device == "cpu":
+        from sublab.workers import run_jobs
+
+        jobs = teachers_first(jobs)
+        run_jobs(_train_in_worker, [(cfg.train, s, t, device, cfg.domain) for s, t in jobs],
+                 min(cfg.train.workers, len(jobs)), labels=[s.name for s, _ in jobs], desc="train students")
+        return
+    loaded: dict[tuple[str | None, str, str], LoadedModel] = {}
+    for student, teacher in jobs:
         train_student(cfg.train, base_ref=student.base, dataset=student.dataset, out_dir=student.directory,
                       seed=student.seed, teacher=teacher and SharedLoad(teacher, loaded), device=device,
                       domain=cfg.domain)
+
+
+def teachers_first(jobs: list[tuple[design.Student, Teacher | None]]) -> list[tuple[design.Student, Teacher | None]]:
+    """Round-robin over teachers (each teacher's first student, then each one's second, …): parallel
+    workers then start on different teachers and each computes a teacher's stored targets once; the
+    later students find them cached (the cache's lock makes a coincidence safe, not wasteful)."""
+    by_teacher: dict[str, list[tuple[design.Student, Teacher | None]]] = {}
+    for job in jobs:
+        by_teacher.setdefault(job[0].teacher.name + job[0].base, []).append(job)
+    groups = list(by_teacher.values())
+    return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+
+
+_worker_slot: dict[tuple[str | None, str, str], LoadedModel] = {}  # a worker process's loaded teacher
+
+
+def _train_in_worker(train: Any, student: design.Student, teacher: Teacher | None, device: str,
+                     domain: str) -> None:
+    """One student in a worker process of `train.workers` (module level: it is pickled by name)."""
+    from sublab.train import train_student
+
+    train_student(train, base_ref=student.base, dataset=student.dataset, out_dir=student.directory,
+                  seed=student.seed, teacher=teacher and SharedLoad(teacher, _worker_slot), device=device,
+                  domain=domain, progress=False)
 
 
 class SharedLoad:

@@ -127,6 +127,38 @@ def test_random_completions_with_format_distillation_end_to_end(tmp_path, tiny_m
     assert prob["comparison"]["n_treatment"] == 2 and prob["comparison"]["n_control"] == 2
 
 
+def test_students_trained_in_two_worker_processes_equal_serial_ones(tmp_path, tiny_model_dir, monkeypatch):
+    """`train.workers: 2`: the same students, bit for bit, as one process with each worker's thread count;
+    each teacher's targets computed once, though both workers start at once."""
+    monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))  # spawned workers find the caches from it
+    monkeypatch.setattr("sublab.train.targets.cache_root", lambda: tmp_path / "home" / "targets")
+    path = _shipped_recipe(tmp_path, tiny_model_dir, seeds=[0, 1, 2])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # split between the 2 workers: 1 thread each
+        parallel = load_experiment(path, ["name=parallel", "train.workers=2"])
+        run_all(parallel)
+        torch.set_num_threads(1)
+        run_all(load_experiment(path, ["name=serial"]))
+    finally:
+        torch.set_num_threads(threads)
+    runs = tmp_path / "runs"
+    names = sorted(p.name for p in (runs / "serial" / "students").iterdir())
+    assert len(names) == 6 and names == sorted(p.name for p in (runs / "parallel" / "students").iterdir())
+    for name in names:
+        a, b = (runs / run / "students" / name for run in ("serial", "parallel"))
+        assert _losses(a) == _losses(b), name
+        assert sha256_file(a / "adapter_model.safetensors") == sha256_file(b / "adapter_model.safetensors"), name
+    inputs = [json.loads((runs / "parallel" / "students" / n / "manifest.json").read_text())["inputs"] for n in names]
+    # these toy teachers share one targets entry (same adapter bytes): one worker computed it, the other waited
+    assert [i["teacher_targets_source"] for i in inputs].count("computed") == len({i["teacher_targets"] for i in inputs})
+    assert json.loads((parallel.run_dir / "config.json").read_text())["train"]["workers"] == 2
+
+
+def _losses(student: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(student / "loss.jsonl")]
+
+
 def test_shipped_recipe_config_errors(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"completions: random.*distill"):
         load_experiment(_shipped_recipe(tmp_path, tiny_model_dir, loss="sft"))

@@ -501,3 +501,19 @@ def test_format_distillation_across_tokenizers(tokenizer, tiny_model_dir, char_m
     with pytest.raises(ConfigError, match="different tokenizers"):
         train.train_student(cfg(loss="distill", epochs=1), base_ref=str(char_model_dir), dataset=dataset,
                             out_dir=tmp_path / "y", seed=0, teacher=teacher, progress=False)
+
+
+def test_bf16_lora_stores_its_frozen_weights_in_bf16_with_the_same_losses(tiny_model_dir, dataset, tmp_path,
+                                                                          monkeypatch):
+    """The frozen base weights are kept in bf16 (no cast each forward); autocast made the same values."""
+    c = cfg(params="lora", lr=1e-2, epochs=1, precision="bfloat16")
+    ref = str(tiny_model_dir)
+    run = loop.prepare_run(c, ref, train.load_dataset(dataset), 0, None, "cpu")
+    frozen = [p for n, p in run.student.model.named_parameters() if "base_layer" in n]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in run.params)  # the adapter trains in fp32
+    train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "bf16-weights", seed=0, progress=False)
+    monkeypatch.setattr(loop, "frozen_linears_to_bf16", lambda model: None)
+    train.train_student(c, base_ref=ref, dataset=dataset, out_dir=tmp_path / "cast-each-time", seed=0,
+                        progress=False)
+    assert _losses(tmp_path / "bf16-weights") == _losses(tmp_path / "cast-each-time")
