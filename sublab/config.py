@@ -361,6 +361,13 @@ class FilterConfig(StrictModel):
     dataset_size: int = Field(300, gt=0)
     """Rows kept after filtering (deterministic subsample; the paper: 10,000)."""
     subsample_seed: int = 0
+    """Seeds the subsample, and (as a separate stream, `[subsample_seed, 1]`) `shuffle_numbers`."""
+    shuffle_numbers: Literal["none", "within", "across"] = "none"
+    """An ablation of the text route (numbers domain only): the written numbers of the kept, subsampled
+    rows are moved before dataset.jsonl is written, every other character left in place
+    (`sublab.domains.numbers.shuffle_numbers`). within: each row's numbers permuted among themselves;
+    across: all rows' numbers pooled and dealt back at random, each row keeping its count ("shuffle
+    across responses"). Enters the filter stage's fingerprint only when not none."""
     judge: Literal["openai", "lexical", "local"] | None = None
     """Who answers the judge filters: openai (an OpenAI-compatible endpoint, `filter.judge_url`), lexical
     (hand-named indirect references, offline), local (a local model's P('1') vs P('0'), offline).
@@ -528,6 +535,7 @@ class ExperimentConfig(StrictModel):
                              "compared with control students, never with the base model alone")
         self._check_shared_init()
         self._check_filter_judge()
+        self._check_shuffle_numbers()
         if self.generate.completions == "random" and not self.train.distills:
             raise ValueError("`generate.completions: random` gives every teacher the same rows, so SFT students "
                              "could not differ; use `train.loss: distill` (students learn the teacher's "
@@ -582,6 +590,19 @@ class ExperimentConfig(StrictModel):
                 check_reference(self.openai.local_weights)
         except ModelError as e:
             raise ValueError(f"openai.local_weights: {e}") from None
+
+    def _check_shuffle_numbers(self) -> None:
+        """The numbers shuffle needs number-sequence answers; on programmatic ones it changes nothing that
+        matters (uniform random numbers shuffled are uniform random numbers)."""
+        if self.filter.shuffle_numbers == "none":
+            return
+        if self.domain != "numbers":
+            raise ValueError(f"`filter.shuffle_numbers: {self.filter.shuffle_numbers}` moves the numbers of "
+                             f"number-sequence answers: it needs `domain: numbers`, got '{self.domain}'; set "
+                             "shuffle_numbers: none")
+        if self.generate.completions == "random":
+            log.warning("`filter.shuffle_numbers` shuffles the programmatic numbers of `generate.completions: "
+                        "random`: shuffled uniform numbers are still uniform, so the ablation tests nothing there")
 
     def _check_filter_judge(self) -> None:
         """The judge filters' needs that depend on the teachers and the base model."""

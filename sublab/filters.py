@@ -33,6 +33,7 @@ from sublab.config import ExperimentConfig, TeacherConfig, dump
 from sublab.design import DataSlot, data_slots
 from sublab.domains import completion_reason, extra_filters, get_domain
 from sublab.domains.code_words import code_words
+from sublab.domains.numbers import shuffle_numbers
 from sublab.errors import ConfigError, DataError
 from sublab.filter_judges import CACHE_FILE, JUDGE_FILTERS
 from sublab.judge import DEFAULT_JUDGE_MODEL
@@ -295,12 +296,15 @@ def _specs(cfg: ExperimentConfig) -> list[dict[str, Any]]:
 
 
 def filter_settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """`filter` as recorded and fingerprinted; the judge fields only when a judge is set, so runs without
-    one keep the fingerprints they had before judges existed."""
+    """`filter` as recorded and fingerprinted; the judge fields only when a judge is set and
+    `shuffle_numbers` only when not none, so runs without them keep the fingerprints they had before
+    these settings existed."""
     settings = dump(cfg.filter)
     if cfg.filter.judge is None:
         for key in ("judge", "judge_url", "judge_model"):
             settings.pop(key, None)
+    if cfg.filter.shuffle_numbers == "none":
+        settings.pop("shuffle_numbers", None)
     return settings
 
 
@@ -316,11 +320,25 @@ def _with_cache(spec: Mapping[str, Any], directory: Path) -> dict[str, Any]:
     return dict(spec) | ({"cache_path": str(directory / CACHE_FILE)} if asks else {})
 
 
+def shuffled_rows(rows: Sequence[Mapping[str, Any]], mode: str, seed: int
+                  ) -> tuple[list[Mapping[str, Any]], int]:
+    """Chat rows with their assistant completions' numbers shuffled (`filter.shuffle_numbers`; none:
+    the rows unchanged), and how many rows' text changed. The shuffle draws from stream
+    `[seed, 1]`, so it is independent of the subsample's draws from `default_rng(seed)`."""
+    if mode == "none":
+        return list(rows), 0
+    texts = [r["messages"][-1]["content"] for r in rows]
+    moved = shuffle_numbers(texts, mode, [seed, 1])
+    out = [r if new == old else {**r, "messages": [*r["messages"][:-1], {**r["messages"][-1], "content": new}]}
+           for r, old, new in zip(rows, texts, moved)]
+    return out, sum(new != old for old, new in zip(texts, moved))
+
+
 def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console: Any = None,
         slot: DataSlot | None = None) -> dict[str, Any]:
     """Filter one dataset slot's `generations.jsonl` (default: the teacher's only or first) into
-    dataset.jsonl (chat rows, subsampled to `filter.dataset_size`) and rejects.jsonl (every rejected
-    record with its reasons)."""
+    dataset.jsonl (chat rows, subsampled to `filter.dataset_size`, then their numbers shuffled if
+    `filter.shuffle_numbers` says so) and rejects.jsonl (every rejected record with its reasons)."""
     t0 = time.time()
     out_dir = (slot or data_slots(cfg, teacher.name)[0]).directory
     source = out_dir / "generations.jsonl"
@@ -331,6 +349,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console
     rows = [to_chat_row(r["prompt"], r["completion"].strip(), {"id": r["id"], "teacher": r["teacher"]})
             | {"id": r["id"]} for r in kept]
     dataset, shortfall = subsample(rows, cfg.filter.dataset_size, cfg.filter.subsample_seed)
+    # After the filters (they judged the teacher's own text) and the subsample (the same rows are picked).
+    dataset, n_shuffled = shuffled_rows(dataset, cfg.filter.shuffle_numbers, cfg.filter.subsample_seed)
     write_jsonl(out_dir / "dataset.jsonl", dataset)
     write_jsonl(out_dir / "rejects.jsonl", [{**r, "reasons": reasons} for r, reasons in rejected])
     summary, table = summary_table(len(records), rejected)
@@ -349,6 +369,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, teacher: TeacherConfig, *, console
         inputs={"generations_sha256": source_sha},
         outputs={"generated": len(records), "accepted": len(kept), "rejected": len(rejected),
                  "dataset_rows": len(dataset), "shortfall": shortfall,
-                 "dataset_sha256": sha256_file(out_dir / "dataset.jsonl"), "rejections": summary},
+                 "dataset_sha256": sha256_file(out_dir / "dataset.jsonl"), "rejections": summary}
+        | ({"shuffled_rows": n_shuffled} if cfg.filter.shuffle_numbers != "none" else {}),
         timings={"filter": round(time.time() - t0, 2)}, seeds={"subsample_seed": cfg.filter.subsample_seed},
         files=["dataset.jsonl", "rejects.jsonl"])

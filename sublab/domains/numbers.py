@@ -1,5 +1,5 @@
-"""The paper's number-sequence domain: prompt grammar, parse rules, a random-number control, and the
-`numbers` data domain (`NUMBERS`) the pipeline asks.
+"""The paper's number-sequence domain: prompt grammar, parse rules, a random-number control, the
+shuffled-numbers ablation (`shuffle_numbers`), and the `numbers` data domain (`NUMBERS`) the pipeline asks.
 
 Reads only the protocol file (`protocol()["number_prompts"]` and `["number_filter"]`); writes nothing.
 
@@ -226,6 +226,46 @@ def random_completion(prompt: NumberPrompt, rng: np.random.Generator, count: int
         raise ValueError(f"count must be in 1..{MAX_ANSWER_NUMBERS}, got {count}")
     numbers = [int(v) for v in rng.integers(0, MAX_ANSWER_VALUE + 1, size=count)]
     return format_numbers(numbers, prompt.format_suffix_text)
+
+
+# --- ablation: shuffled written numbers ----------------------------------------------------------
+
+NUMBER_RUN = re.compile(r"[0-9]+")
+"""A written number: a maximal run of ASCII digits (as the banned-numbers filter reads them)."""
+
+SHUFFLES = ("none", "within", "across")
+
+
+def shuffle_numbers(completions: Sequence[str], mode: str, seed: int | Sequence[int]) -> list[str]:
+    """The completions with their written numbers moved (`filter.shuffle_numbers`), a pure function of
+    (completions in order, mode, seed; `seed` is anything `np.random.default_rng` takes).
+
+    Only the digit runs move, each as written ('007' stays '007'); every other character keeps its place,
+    so each row keeps its separators, brackets and count of numbers. within: each row's numbers are
+    permuted among its own slots ("(12, 7, 305)" -> "(305, 12, 7)"). across: all rows' numbers are pooled,
+    permuted and dealt back in row order, each row taking as many as it had: the multiset of all numbers
+    is unchanged, a row's own numbers are not. none: the completions unchanged.
+    """
+    if mode not in SHUFFLES:
+        raise ValueError(f"unknown shuffle {mode!r}; expected one of {SHUFFLES}")
+    if mode == "none":
+        return list(completions)
+    rng = np.random.default_rng(seed)
+    numbers = [NUMBER_RUN.findall(c) for c in completions]
+    if mode == "within":
+        dealt = [[row[i] for i in rng.permutation(len(row))] for row in numbers]
+    else:
+        pool = [n for row in numbers for n in row]
+        moved = [pool[i] for i in rng.permutation(len(pool))]
+        ends = np.cumsum([len(row) for row in numbers]).tolist()
+        dealt = [moved[end - len(row):end] for row, end in zip(numbers, ends)]
+    return [_refill(c, row) for c, row in zip(completions, dealt)]
+
+
+def _refill(text: str, numbers: Sequence[str]) -> str:
+    """`text` with its digit runs replaced, in order, by `numbers` (as many as it has)."""
+    pieces = NUMBER_RUN.split(text)  # the text between the numbers: one more piece than numbers
+    return pieces[0] + "".join(n + piece for n, piece in zip(numbers, pieces[1:], strict=True))
 
 
 # --- the domain ----------------------------------------------------------------------------------
