@@ -15,7 +15,7 @@ import multiprocessing
 import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
 from tqdm import tqdm
@@ -50,7 +50,7 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], workers: i
         pending = set(futures)
         t0 = time.time()
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 i = futures[future]
                 error = future.exception()
