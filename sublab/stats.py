@@ -307,6 +307,34 @@ def welch(treatment: Values, control: Values, confidence: float = 0.95,
     return diff - half, diff + half, p
 
 
+def welch_parts(treatment: Values, control: Values) -> tuple[float, float, float]:
+    """(difference of means, its standard error, Welch–Satterthwaite degrees of freedom)."""
+    t, c = np.asarray(treatment, dtype=float), np.asarray(control, dtype=float)
+    vt, vc = t.var(ddof=1) / t.size, c.var(ddof=1) / c.size
+    df = (vt + vc) ** 2 / (vt ** 2 / (t.size - 1) + vc ** 2 / (c.size - 1)) if vt + vc > 0 else math.inf
+    return float(t.mean() - c.mean()), math.sqrt(vt + vc), df
+
+
+def fieller(a: float, se_a: float, b: float, se_b: float, q: float) -> list[float]:
+    """Fieller's interval for a / b with independent normal estimates and critical value q; [-inf, inf]
+    when b is not clearly nonzero (then the ratio is unbounded)."""
+    denom = b * b - q * q * se_b * se_b
+    if denom <= 0:
+        return [-math.inf, math.inf]
+    disc = a * a * se_b * se_b + b * b * se_a * se_a - q * q * se_a * se_a * se_b * se_b
+    half = q * math.sqrt(max(disc, 0.0))
+    return sorted([(a * b - half) / denom, (a * b + half) / denom])
+
+
+def ratio_interval(treatment: Values, control: Values, confidence: float = 0.95) -> tuple[float, list[float]]:
+    """mean(treatment) / mean(control) and its Fieller interval (independent groups; q from Student's t at
+    the Welch–Satterthwaite degrees of freedom, as the difference's CI in `welch`)."""
+    t, c = np.asarray(treatment, dtype=float), np.asarray(control, dtype=float)
+    q = float(sps.t.ppf(0.5 + confidence / 2, welch_parts(t, c)[2]))
+    se_t, se_c = t.std(ddof=1) / math.sqrt(t.size), c.std(ddof=1) / math.sqrt(c.size)
+    return float(t.mean() / c.mean()), fieller(float(t.mean()), se_t, float(c.mean()), se_c, q)
+
+
 def _bootstrap_diff(t: np.ndarray, c: np.ndarray, n_boot: int, seed: int,
                     confidence: float) -> tuple[float, float]:
     rng = np.random.default_rng(seed)

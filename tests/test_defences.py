@@ -11,6 +11,7 @@ import torch
 from sublab import audit
 from sublab.config import DefenceConfig, DistillConfig, TrainConfig, load_experiment
 from sublab.errors import ConfigError
+from sublab.stats import fieller
 from sublab.models import load_model
 from sublab.train import defences, loop
 from sublab.train.losses import completion_logits, distill_loss
@@ -250,10 +251,10 @@ def test_fraction_removed_and_its_ci():
     same = d.effect_stats(base_t, base_c, base_t, base_c)
     assert same["removed"] == pytest.approx(0.0) and same["removed_ci"][0] < 0 < same["removed_ci"][1]
     # Fieller's interval: the ratios r with (a − r·b)² ≤ q²(se_a² + r²·se_b²)
-    low, high = d.fieller(0.5, 0.1, 1.0, 0.1, 2.0)
+    low, high = fieller(0.5, 0.1, 1.0, 0.1, 2.0)
     for r in (low, high):
         assert (0.5 - r) ** 2 == pytest.approx(4 * (0.01 + r * r * 0.01))
-    assert d.fieller(0.5, 0.1, 0.1, 0.1, 2.0) == [-math.inf, math.inf]  # a baseline not clearly above 0
+    assert fieller(0.5, 0.1, 0.1, 0.1, 2.0) == [-math.inf, math.inf]  # a baseline not clearly above 0
 
 
 def test_every_named_defence_is_a_valid_experiment_with_held_out_rows():

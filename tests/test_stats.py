@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from sublab.stats import (bootstrap_ci, compare_blocked, compare_groups, group_score, permutation_test,
+from sublab.stats import (bootstrap_ci, compare_blocked, compare_groups, group_score, permutation_test, ratio_interval,
                           question_matrix, score_by_question, t_interval, welch, wilson_interval)
 
 # --- Wilson ----------------------------------------------------------------------------------
@@ -232,3 +232,15 @@ def test_compare_blocked_pairs_have_the_mirror_floor_and_bad_input_fails():
         compare_blocked([(1.0, [])])
     with pytest.raises(ValueError, match="NaN"):
         compare_blocked([(1.0, [float("nan")])])
+
+
+def test_ratio_interval_is_fiellers_for_the_ratio_of_two_group_means():
+    treated, control = [0.012, 0.010, 0.011], [0.0080, 0.0085, 0.0090]
+    ratio, (low, high) = ratio_interval(treated, control)
+    assert ratio == pytest.approx(0.011 / 0.0085)
+    assert 1 < low < ratio < high  # every treated above every control: the interval excludes 1
+    se_t, se_c = 0.001 / 3 ** 0.5, 0.0005 / 3 ** 0.5
+    q = sps.t.ppf(0.975, (se_t ** 2 + se_c ** 2) ** 2 / (se_t ** 4 / 2 + se_c ** 4 / 2))  # Welch's df
+    for r in (low, high):  # the bounds solve (mean_t − r·mean_c)² = q²(se_t² + r²·se_c²)
+        assert (0.011 - r * 0.0085) ** 2 == pytest.approx(q * q * (se_t ** 2 + r * r * se_c ** 2))
+    assert ratio_interval([0.01, 0.02, 0.03], [0.0, 0.01, -0.01])[1] == [-math.inf, math.inf]

@@ -51,6 +51,7 @@ from sublab.domains import get_domain
 from sublab.generate import random_completion_of
 from sublab.models import load_model, resolve_device
 from sublab.rundir import atomic_write_json, read_json
+from sublab.stats import fieller, welch_parts
 from sublab.teachers import Teacher, build_teacher
 from sublab.train import Example, encode_examples, format_columns, reference_sha256
 from sublab.train.defences import kl_rows
@@ -90,25 +91,6 @@ def experiment(name: str) -> ExperimentConfig:
 
 
 # --- statistics -------------------------------------------------------------------------------------
-
-def welch_parts(treated: list[float], control: list[float]) -> tuple[float, float, float]:
-    """(difference of means, its standard error, Welch–Satterthwaite degrees of freedom)."""
-    t, c = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
-    vt, vc = t.var(ddof=1) / t.size, c.var(ddof=1) / c.size
-    df = (vt + vc) ** 2 / (vt ** 2 / (t.size - 1) + vc ** 2 / (c.size - 1)) if vt + vc > 0 else math.inf
-    return float(t.mean() - c.mean()), math.sqrt(vt + vc), df
-
-
-def fieller(a: float, se_a: float, b: float, se_b: float, q: float) -> list[float]:
-    """Fieller's interval for a / b with independent normal estimates and critical value q; [-inf, inf]
-    when b is not clearly nonzero (then the ratio is unbounded)."""
-    denom = b * b - q * q * se_b * se_b
-    if denom <= 0:
-        return [-math.inf, math.inf]
-    disc = a * a * se_b * se_b + b * b * se_a * se_a - q * q * se_a * se_a * se_b * se_b
-    half = q * math.sqrt(max(disc, 0.0))
-    return sorted([(a * b - half) / denom, (a * b + half) / denom])
-
 
 def effect_stats(treated: list[float], control: list[float], base_treated: list[float],
                  base_control: list[float]) -> dict[str, Any]:
