@@ -331,7 +331,7 @@ def ratio_interval(treatment: Values, control: Values, confidence: float = 0.95)
     the Welch–Satterthwaite degrees of freedom, as the difference's CI in `welch`)."""
     t, c = np.asarray(treatment, dtype=float), np.asarray(control, dtype=float)
     q = float(sps.t.ppf(0.5 + confidence / 2, welch_parts(t, c)[2]))
-    se_t, se_c = t.std(ddof=1) / math.sqrt(t.size), c.std(ddof=1) / math.sqrt(c.size)
+    se_t, se_c = float(t.std(ddof=1)) / math.sqrt(t.size), float(c.std(ddof=1)) / math.sqrt(c.size)
     return float(t.mean() / c.mean()), fieller(float(t.mean()), se_t, float(c.mean()), se_c, q)
 
 
