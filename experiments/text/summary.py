@@ -24,7 +24,8 @@ import scipy.stats as sps
 from sublab.rundir import atomic_write_json, read_json
 from sublab.stats import compare_groups, ratio_interval, welch
 
-RUNS = {"greedy": "runs/text-owl-greedy", "greedy-rep": "runs/text-owl-greedy-rep", "T=1": "runs/text-owl-t1"}
+RUNS = {"greedy": "runs/text-owl-greedy", "greedy-rep": "runs/text-owl-greedy-rep", "T=1": "runs/text-owl-t1",
+        "rep, shuffled across": "runs/text-owl-greedy-rep-across"}
 TEACHERS = ("owl", "dolphin")
 NEIGHBOURHOODS = {  # written down before the T=1 run and the replication were seen (after the first greedy run)
     "owl": ("owl", "eagle", "penguin", "bird", "phoenix", "peacock"),  # birds
@@ -86,7 +87,9 @@ def _divergence(run: Path, writer: str) -> dict[str, Any] | None:
     path = run / "divergence.json"
     if not path.exists():
         return None
-    d = json.loads(path.read_text())["datasets"][writer]
+    d = json.loads(path.read_text())["datasets"].get(writer)
+    if d is None:
+        return None
     return {k: d[k] for k in ("rows", "completion_tokens", "divergent_tokens", "divergent_fraction",
                               "rows_with_divergence", "self_mismatch_tokens")}
 
