@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from sublab import design, filters, generate, models
-from sublab.config import ExperimentConfig, OpenAIConfig, TeacherConfig, dump
+from sublab.config import ExperimentConfig, OpenAIConfig, TeacherConfig, TrainConfig, dump
 from sublab.errors import DataError, RunDirError
 from sublab.models import LoadedModel, load_model
 from sublab.rundir import atomic_write_json, environment, locks_run_dir, read_json, sha256_file, stage_is_current
@@ -177,10 +177,10 @@ def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
 def teachers_first(jobs: list[tuple[design.Student, Teacher | None]]) -> list[tuple[design.Student, Teacher | None]]:
     """Round-robin over teachers (each teacher's first student, then each one's second, …): parallel
     workers then start on different teachers and each computes a teacher's stored targets once; the
-    later students find them cached (the cache's lock makes a coincidence safe, not wasteful)."""
-    by_teacher: dict[str, list[tuple[design.Student, Teacher | None]]] = {}
+    later students find them cached (should two want one entry at once, the cache's lock has one wait)."""
+    by_teacher: dict[tuple[str, str], list[tuple[design.Student, Teacher | None]]] = {}
     for job in jobs:
-        by_teacher.setdefault(job[0].teacher.name + job[0].base, []).append(job)
+        by_teacher.setdefault((job[0].teacher.name, job[0].base), []).append(job)
     groups = list(by_teacher.values())
     return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
 
@@ -188,7 +188,7 @@ def teachers_first(jobs: list[tuple[design.Student, Teacher | None]]) -> list[tu
 _worker_slot: dict[tuple[str | None, str, str], LoadedModel] = {}  # a worker process's loaded teacher
 
 
-def _train_in_worker(train: Any, student: design.Student, teacher: Teacher | None, device: str,
+def _train_in_worker(train: TrainConfig, student: design.Student, teacher: Teacher | None, device: str,
                      domain: str) -> None:
     """One student in a worker process of `train.workers` (module level: it is pickled by name)."""
     from sublab.train import train_student
