@@ -142,8 +142,6 @@ def filter_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
 
 @locks_run_dir
 def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
-    from sublab.train import train_student
-
     record_config(cfg)
     device = resolve_device(cfg)
     built = dict((t.name, teacher) for t, teacher in teachers(cfg, device))
@@ -169,9 +167,7 @@ def train_all(cfg: ExperimentConfig, console: Console | None = None) -> None:
         return
     loaded: dict[tuple[str | None, str, str], LoadedModel] = {}
     for student, teacher in jobs:
-        train_student(cfg.train, base_ref=student.base, dataset=student.dataset, out_dir=student.directory,
-                      seed=student.seed, teacher=teacher and SharedLoad(teacher, loaded), device=device,
-                      domain=cfg.domain)
+        _train_one(cfg.train, student, teacher, device, cfg.domain, loaded)
 
 
 def teachers_first(jobs: list[tuple[design.Student, Teacher | None]]) -> list[tuple[design.Student, Teacher | None]]:
@@ -188,14 +184,19 @@ def teachers_first(jobs: list[tuple[design.Student, Teacher | None]]) -> list[tu
 _worker_slot: dict[tuple[str | None, str, str], LoadedModel] = {}  # a worker process's loaded teacher
 
 
-def _train_in_worker(train: TrainConfig, student: design.Student, teacher: Teacher | None, device: str,
-                     domain: str) -> None:
-    """One student in a worker process of `train.workers` (module level: it is pickled by name)."""
+def _train_one(train: TrainConfig, student: design.Student, teacher: Teacher | None, device: str, domain: str,
+               slot: dict[tuple[str | None, str, str], LoadedModel], progress: bool = True) -> None:
     from sublab.train import train_student
 
     train_student(train, base_ref=student.base, dataset=student.dataset, out_dir=student.directory,
-                  seed=student.seed, teacher=teacher and SharedLoad(teacher, _worker_slot), device=device,
-                  domain=domain, progress=False)
+                  seed=student.seed, teacher=teacher and SharedLoad(teacher, slot), device=device,
+                  domain=domain, progress=progress)
+
+
+def _train_in_worker(train: TrainConfig, student: design.Student, teacher: Teacher | None, device: str,
+                     domain: str) -> None:
+    """One student in a worker process of `train.workers` (module level: it is pickled by name)."""
+    _train_one(train, student, teacher, device, domain, _worker_slot, progress=False)
 
 
 class SharedLoad:

@@ -296,12 +296,9 @@ def welch(treatment: Values, control: Values, confidence: float = 0.95,
     t, c = np.asarray(treatment, dtype=float), np.asarray(control, dtype=float)
     if t.size < 2 or c.size < 2:
         return None, None, None
-    vt, vc = t.var(ddof=1) / t.size, c.var(ddof=1) / c.size
-    se = math.sqrt(vt + vc)
+    diff, se, df = welch_parts(t, c)
     if se == 0.0:
         return None, None, None
-    df = (vt + vc) ** 2 / (vt ** 2 / (t.size - 1) + vc ** 2 / (c.size - 1))
-    diff = float(t.mean() - c.mean())
     half = float(sps.t.ppf(0.5 + confidence / 2, df)) * se
     p = float(sps.ttest_ind(t, c, equal_var=False, alternative=alternative).pvalue)
     return diff - half, diff + half, p
