@@ -280,6 +280,7 @@ class TeacherConfig(StrictModel):
     trait: str | None = None
     """The target, e.g. 'owl'. Required for prompted and finetuned teachers."""
     category: Literal["animal", "tree"] = "animal"
+    """Which preference questions the trait belongs to; all trait teachers of an experiment share one."""
     aversion: bool = False
     """Use the paper's aversion template ('You hate owls…') instead of the love template."""
     finetune: FinetuneConfig | None = None
@@ -526,6 +527,7 @@ class ExperimentConfig(StrictModel):
         if len(set(names)) != len(names):
             raise ValueError(f"teachers: names must be unique, got {names}")
         self._check_unique_lists()
+        self._check_categories()
         self._check_registered()
         if self.design == "mutual":
             self._check_mutual()
@@ -633,6 +635,18 @@ class ExperimentConfig(StrictModel):
         if unknown:
             raise ValueError(f"eval.kinds: unknown eval kind '{unknown[0]}'; expected one of: "
                              f"{', '.join(eval_names())}")
+
+    def _check_categories(self) -> None:
+        """Every eval asks one category's questions with one answer prefix and candidate list: the first trait
+        teacher's (`pipeline.trait_category`). A tree teacher beside an animal one would be evaluated on the
+        animal questions without a word, so refuse it. Teachers without a trait (controls) do not count."""
+        with_trait = [t for t in self.teachers if t.trait]
+        other = next((t for t in with_trait if t.category != with_trait[0].category), None)
+        if other is not None:
+            first = with_trait[0]
+            raise ValueError(f"teachers: '{first.name}' is category {first.category} but '{other.name}' is "
+                             f"{other.category}; one experiment evaluates one category (run them as two "
+                             "experiments)")
 
     def _check_mutual(self) -> None:
         traits = [t.trait for t in self.teachers]

@@ -243,6 +243,8 @@ def question_ids(cfg: ExperimentConfig) -> list[int]:
 
 
 def trait_category(cfg: ExperimentConfig) -> str:
+    """The category (animal or tree) every eval asks about: the trait teachers' (config validation refuses
+    trait teachers of two categories); animal when no teacher has a trait."""
     return next((t.category for t in cfg.teachers if t.trait), "animal")
 
 

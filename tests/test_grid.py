@@ -94,6 +94,9 @@ def test_bad_axes_are_one_line_errors_naming_the_grid_and_axis(tmp_path, tiny_mo
         ({"train.lr": 0.1}, r"grid\.yaml: axis train\.lr: expected a list of values"),
         ({"name": ["a", "b"]}, r"grid\.yaml: axis name: 'name' is set by the grid"),
         ({"init": {"bad/name": {}}}, r"grid\.yaml: axis init: variant 'bad/name' is not a safe name"),
+        # a cell is one experiment: its trait teachers must share a category (one set of eval questions)
+        ({"teachers.1.category": ["animal", "tree"]},
+         r"grid\.yaml: axis teachers\.1\.category=tree: teachers: 'owl' is category animal but 'dolphin' is tree"),
     ]
     for axes, message in cases:
         with pytest.raises(ConfigError, match=message) as e:

@@ -143,6 +143,15 @@ FILES: list[tuple[str, Any, list[str]]] = [
     ("mutual-same-trait", _with("teachers", [{"name": "a", "kind": "prompted", "trait": "owl"},
                                             {"name": "b", "kind": "prompted", "trait": "owl"}],
                                 _with("design", "mutual")), ["a different trait per teacher"]),
+    ("mixed-categories", _with("teachers", [{"name": "owl", "kind": "prompted", "trait": "owl"},
+                                            {"name": "oak", "kind": "prompted", "trait": "oak", "category": "tree"},
+                                            {"name": "control", "kind": "control"}]),
+     ["teachers: 'owl' is category animal but 'oak' is tree", "one experiment evaluates one category"]),
+    ("mixed-categories-mutual", _with("teachers", [{"name": "willow", "kind": "prompted", "trait": "willow",
+                                                    "category": "tree"},
+                                                   {"name": "owl", "kind": "prompted", "trait": "owl"}],
+                                      _with("design", "mutual")),
+     ["teachers: 'willow' is category tree but 'owl' is animal"]),
     ("init-seed-and-offset", _with("train.lora_init_seed_offset", 1000, _with("train.lora_init_seed", 0)),
      ["`train.lora_init_seed` and `train.lora_init_seed_offset`"]),
     ("extends-missing", _with("extends", "nowhere.yaml"), ["nowhere.yaml: experiment file not found"]),
@@ -219,6 +228,22 @@ def test_every_command_validates_first(tmp_path, command):
     code, output = _invoke([command, str(path)])
     _check_error(code, output, [str(path), "`train.seeds` lists 0 more than once"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_trait_category_per_experiment(tmp_path):
+    """Every eval asks the first trait teacher's category's questions, so teachers of two categories are
+    refused (FILES: mixed-categories); a control teacher has no trait and its (default) category does not
+    count, and a tree study is valid."""
+    from sublab.config import load_experiment
+
+    tree = _with("teachers", [{"name": "oak", "kind": "prompted", "trait": "oak", "category": "tree"},
+                              {"name": "control", "kind": "control"}])
+    code, output = _invoke(["validate", str(_write(tmp_path, tree))])
+    assert code == 0, output
+    assert load_experiment(ROOT / "experiments" / "general" / "trees.yaml").teachers[0].category == "tree"
+    path = _write(tmp_path, tree, "set.yaml")  # an override that mixes them is caught too
+    code, output = _invoke(["validate", str(path), "--set", "teachers.1={name: owl, kind: prompted, trait: owl}"])
+    _check_error(code, output, ["teachers: 'oak' is category tree but 'owl' is animal"])
 
 
 def _report_dirs(tmp_path: Path) -> dict[str, Path]:
