@@ -90,33 +90,83 @@ class StagePlan:
 
 # --- time on this project's machine --------------------------------------------------------------
 #
-# The rates are for the embedded SmolLM2-135M-Instruct on CPU (2 cores). They come from the cost tables
-# of docs/results.md, each measured with the command named there:
-#     `sublab run examples/owl-quick.yaml` (the demo: teachers, 6 distillation students, evals),
-#     the transfer study's cell lora8-shared-init, 5 seeds (20 students, 47 min),
-#     `sublab --threads 1 run examples/owl-quick.yaml` at commit 09f55dd (sampled generation, SFT students).
+# The rates are for the embedded SmolLM2-135M-Instruct on CPU (2 cores, torch's 2 threads unless a line says
+# otherwise), each measured with a command named in docs/results.md or docs/performance.md (cited per rate).
+# Where a combination was never measured (say fp32 students from stored targets, or workers in fp32), the
+# rate is derived from measured ones and the comment says so and shows the arithmetic.
+# The check: examples/owl-quick.yaml (bf16, 2 workers) took 392-395 s from an empty cache (performance.md,
+# "The demo", step three); tests/test_plan.py holds the estimate to it, and to the other measured runs.
 # For any other base model or a CUDA device there is no measured rate: the plan says so instead of guessing.
 
 MEASURED_MODEL = "embedded:smollm2-135m-instruct"
 
 RATES_S = {
-    # LoRA r8 teacher, 80 rows × 2 epochs: ~40 s (demo) to 45–80 s with its eval (study) → per row-epoch.
-    "teacher_row_epoch": 0.3,
-    # Distillation student with a live teacher, 128 rows × 1 epoch: ~108 s (demo), median ~125 s (study).
-    "distill_row_epoch": 0.9,
-    # LoRA SFT student, 128 rows × 1 epoch: 206 s for 6 students (commit 09f55dd, loaded machine).
-    "sft_row_epoch": 0.27,
-    # Sampled generation: 382 s for 2 × 128 prompts (same run). Random completions cost nothing.
+    # Converting the embedded GGUF into a torch checkpoint, once per empty $SUBLAB_HOME: 19 s (results.md,
+    # "The demo"), 21 s and 18 s (performance.md, "The demo" steps two and three).
+    "convert": 19.0,
+    # A fp32 LoRA r8 teacher, 80 rows x 2 epochs: ~40 s (results.md, "The demo": `make demo` 2026-11-27,
+    # "building both LoRA teachers, ~40 s each") -> 40 / 160 row-epochs.
+    "teacher_row_epoch": 0.25,
+    # The same teacher under bf16 autocast with frozen bf16 weights (`finetune.recipe.precision: bfloat16`):
+    # 18-20 s (performance.md, "The demo", step three: "24-25 s -> 18-20 s") -> 19 / 160.
+    "teacher_row_epoch_bf16": 0.12,
+    # A full fine-tune fp32 teacher, 80 rows x 2 epochs: 211.8 s and 200.3 s (results.md, "Full fine-tune
+    # teachers (previous session)") -> 206 / 160.
+    "teacher_full_row_epoch": 1.29,
+    # Sampled generation, fp32: 382 s for 2 x 128 prompts (`sublab --threads 1 run examples/owl-quick.yaml`
+    # at commit 09f55dd, loaded machine). Random completions cost nothing.
     "sampled_prompt": 1.5,
-    # Exact answer probability: ~5 s per model for 10 questions × 20 candidates (study).
-    "prob_question": 0.5,
-    # Sampled eval: the demo's 14 s per model less its exact-probability part, for 10 × 10 samples.
-    "sampled_eval_sample": 0.09,
-    # Loading the base and teachers once per stage of a cell (demo: the 95 s generate stage less the two
-    # ~40 s teacher builds, once for each of generate, train and eval).
-    "cell_overhead": 30.0,
+    # bf16 generation (`precision: bfloat16`) is x1.8-2.0 faster than fp32 (performance.md, "Generation,
+    # exact probabilities": docs/generation.md's back-to-back runs, 1 thread, loaded) -> 1 / 1.9.
+    "generation_bf16_factor": 0.53,
+    # Stored teacher targets over 128 rows: ~40 s in fp32, 16 s under bf16 autocast (performance.md, "The
+    # demo", step two: `time sublab run examples/owl-quick.yaml`) -> per row: 40 / 128 and 16 / 128.
+    "targets_row": 0.31,
+    "targets_row_bf16": 0.125,
+    # A bf16 LoRA student from stored targets, 2 threads, 128 rows x 1 epoch (32 steps): 47-57 s (performance.md,
+    # "The demo", step two), then frozen Linear weights in bf16 took a 2-thread step from 1.45 to 1.36-1.38 s
+    # (step three): 52 s x 1.37 / 1.45 = 49 s -> 49 / 128. Check: step two's train stage, 358-365 s =
+    # 2 x 16 s targets + 6 x 52 s students + ~20 s loading.
+    "distill_row_epoch_bf16": 0.38,
+    # A fp32 LoRA student from stored targets: NEVER MEASURED end to end. Derived from the profiled step
+    # (performance.md, "Training: the quick preset's students": fp32 stored targets 2.34-2.55 s/step, bf16
+    # eager 1.59-1.67 s/step, same process) -> 52 s x 2.45 / 1.63 = 78 s per 128 row-epochs -> 78 / 128.
+    "distill_row_epoch": 0.61,
+    # A fp32 LoRA student with the teacher live (full-vocabulary distillation; before stored targets, every
+    # distillation): ~108 s (results.md, `make demo` 861 s run), 747 s / 6 = 124.5 s (its 984 s rerun), median
+    # ~125 s (results.md, "Cost and commands", cell lora8-shared-init) per 128 rows x 1 epoch -> 119 / 128.
+    "distill_live_row_epoch": 0.93,
+    # A LoRA SFT student, fp32: 206 s for 6 students x 128 rows x 1 epoch (commit 09f55dd run above, loaded).
+    "sft_row_epoch": 0.27,
+    # A bf16 student (`train.precision: bfloat16`) when no bf16 rate above was measured (SFT, a live teacher):
+    # NEVER MEASURED; the profiled distillation step's bf16 / fp32 ratio (above): 1.63 / 2.45.
+    "train_bf16_factor": 0.67,
+    # `train.workers: 2` (2 processes x 1 thread on 2 cores): a 1-thread student takes 70-76 s for 32 steps
+    # and two run side by side without contention (performance.md, "The demo", step three: "3 rounds of 2 at
+    # 70-76 s") -> 2 students per 73 s vs 49 s each serially: x 2 x 49 / 73. Holds over epochs: 904 s for
+    # 6 students x 4 epochs (results.md, "More student compute", the 4-epoch variant: 904 / 3 rounds / 4 =
+    # 75 s a student-epoch). Measured on bf16 students only; fp32 students are assumed to gain the same.
+    "workers2_speedup": 1.34,
+    # Targets with 2 workers: both teachers' bf16 targets in 29 s side by side (step three) vs 2 x 16 s
+    # serially -> 32 / 29. More than 2 workers on 2 cores: never measured, counted as 2.
+    "workers2_targets_speedup": 1.10,
+    # Exact answer probability, fp32: 2.12 questions/s with 31 candidates on the idle machine (performance.md,
+    # `bench/limits.py` table) -> 1 / 2.12; the study: ~5 s per model for 10 questions x 20 candidates.
+    "prob_question": 0.47,
+    # Sampled eval, fp32: the demo's eval stage, 132-133 s for 9 models (results.md 984 s run; performance.md
+    # 653 s run) = 14.7 s a model, less 10 exact questions x 0.47 s -> 10 s for 10 x 10 samples.
+    "sampled_eval_sample": 0.10,
+    # Evals in bf16 (`precision: bfloat16`, with the evals' model loading and `eval.batch_size: 128` that came
+    # with it): the demo's eval stage 61.0-61.2 s (step three) vs 132-133 s in fp32 -> 61.1 / 132.5. Measured
+    # on exact + sampled evals together; their split in bf16 was not measured.
+    "eval_bf16_factor": 0.46,
+    # Loading the base, teachers and workers in the generate and train stages, what the demo's stages hold
+    # beyond the work above (step three): generate 60.4-61.1 s - 19 s conversion - 2 x 19 s teachers = 3.8 s;
+    # train 265.5-267.6 s - 29 s targets - 3 x 73 s students = 18.5 s.
+    "loading": 22.0,
 }
-"""Seconds on 2 CPU cores (SmolLM2-135M). Other eval kinds are counted like the exact probability."""
+"""Seconds on 2 CPU cores (SmolLM2-135M). Other eval kinds are counted like the exact probability. Full
+fine-tune students are counted at the LoRA students' rates (no end-to-end measurement of theirs)."""
 
 
 def _measured(cfg: ExperimentConfig) -> bool:
@@ -128,19 +178,56 @@ def teacher_seconds(cfg: ExperimentConfig, ft: FinetuneConfig) -> float | None:
     if not _measured(cfg):
         return None
     rows = ft.train_questions * len(ft.answer_forms) if ft.dataset == "favourite-animal" else 100
-    return rows * ft.recipe.epochs * RATES_S["teacher_row_epoch"]
+    recipe = ft.recipe
+    if not recipe.uses_lora:
+        rate = RATES_S["teacher_full_row_epoch"]
+    else:
+        rate = RATES_S["teacher_row_epoch_bf16" if recipe.precision == "bfloat16" else "teacher_row_epoch"]
+    return rows * recipe.epochs * rate
 
 
-def run_seconds(cfg: ExperimentConfig, n_models: int) -> float | None:
-    """Seconds of generation + students + evals (of `n_models` models) + loading, for one experiment on 2
-    CPU cores, its fine-tuned teachers aside; None: no measured rate for this model or device."""
+def _workers(cfg: ExperimentConfig) -> int:
+    """Students trained at once, as far as 2 cores go (more than 2 workers were never measured)."""
+    return min(cfg.train.workers, 2)
+
+
+def _bf16(cfg: ExperimentConfig) -> bool:
+    """Generation and evals in bf16: `precision: bfloat16` (auto is float32 on a CPU)."""
+    return cfg.precision == "bfloat16"
+
+
+def stage_seconds(cfg: ExperimentConfig, n_models: int | None = None) -> dict[str, float] | None:
+    """Seconds of each part of one experiment on 2 CPU cores, its fine-tuned teachers aside: `sampling`
+    (generation), `targets` (stored teacher targets), `students`, `eval` (`n_models` models; default: all
+    the experiment evaluates) and `loading`; None: no measured rate for this model or device."""
     if not _measured(cfg):
         return None
-    slots = sum(len(design.data_slots(cfg, t.name)) for t in cfg.teachers if t.kind_spec.has_model)
-    generate = slots * cfg.generate.n_prompts * RATES_S["sampled_prompt"] if cfg.generate.completions == "sampled" else 0
-    rate = RATES_S["distill_row_epoch"] if cfg.train.distills else RATES_S["sft_row_epoch"]
-    n_students = sum(1 for _ in design.students(cfg))
-    train = n_students * cfg.filter.dataset_size * cfg.train.epochs * rate
+    t = cfg.train
+    slots = sum(len(design.data_slots(cfg, x.name)) for x in cfg.teachers if x.kind_spec.has_model)
+    sampling = 0.0
+    if cfg.generate.completions == "sampled":
+        sampling = slots * cfg.generate.n_prompts * RATES_S["sampled_prompt"]
+        sampling *= RATES_S["generation_bf16_factor"] if _bf16(cfg) else 1.0
+    students = list(design.students(cfg))
+    stored = t.distills and (t.distill.vocabulary == "format" or t.distill.top_k is not None)
+    targets = 0.0
+    if stored:  # one computation per teacher and dataset, shared by its students
+        pairs = {(s.teacher.name, s.dataset) for s in students}
+        row = RATES_S["targets_row_bf16" if t.distill.targets_precision == "bfloat16" else "targets_row"]
+        targets = len(pairs) * cfg.filter.dataset_size * row
+        targets /= RATES_S["workers2_targets_speedup"] if _workers(cfg) == 2 else 1.0
+    bf16 = t.precision == "bfloat16"
+    if stored:
+        rate = RATES_S["distill_row_epoch_bf16"] if bf16 else RATES_S["distill_row_epoch"]
+    else:
+        rate = RATES_S["distill_live_row_epoch"] if t.distills else RATES_S["sft_row_epoch"]
+        rate *= RATES_S["train_bf16_factor"] if bf16 else 1.0
+    one = cfg.filter.dataset_size * t.epochs * rate  # one student alone on 2 threads
+    if _workers(cfg) == 2:  # rounds of 2 side by side, each student on 1 thread
+        train = math.ceil(len(students) / 2) * one * 2 / RATES_S["workers2_speedup"]
+    else:
+        train = len(students) * one
+    n = evaluated_count(cfg) if n_models is None else n_models
     questions = cfg.eval.max_questions or 10  # held-out questions: 10 with the default 40 training ones
     per_model = 0.0
     for kind in cfg.eval.kinds:
@@ -149,7 +236,17 @@ def run_seconds(cfg: ExperimentConfig, n_models: int) -> float | None:
             per_model += variants * questions * cfg.eval.samples_per_question * RATES_S["sampled_eval_sample"]
         else:
             per_model += variants * questions * RATES_S["prob_question"]
-    return generate + train + n_models * per_model + RATES_S["cell_overhead"]
+    per_model *= RATES_S["eval_bf16_factor"] if _bf16(cfg) else 1.0
+    return {"sampling": sampling, "targets": targets, "students": train, "eval": n * per_model,
+            "loading": RATES_S["loading"]}
+
+
+def run_seconds(cfg: ExperimentConfig, n_models: int) -> float | None:
+    """Seconds of generation + stored targets + students + evals (of `n_models` models) + loading, for one
+    experiment on 2 CPU cores, its fine-tuned teachers and the model's conversion aside; None: no measured
+    rate for this model or device."""
+    stages = stage_seconds(cfg, n_models)
+    return None if stages is None else sum(stages.values())
 
 
 def evaluated_count(cfg: ExperimentConfig) -> int:
@@ -158,11 +255,12 @@ def evaluated_count(cfg: ExperimentConfig) -> int:
 
 
 def experiment_seconds(cfg: ExperimentConfig) -> float | None:
-    """Seconds of the whole experiment on 2 CPU cores, its fine-tuned teachers built from scratch."""
+    """Seconds of the whole experiment on 2 CPU cores from an empty cache: the model converted, its
+    fine-tuned teachers built from scratch, then `run_seconds`."""
     teachers = [teacher_seconds(cfg, t.finetune or FinetuneConfig()) for t in cfg.teachers
                 if t.kind_spec.weights == "finetuned"]
     run = run_seconds(cfg, evaluated_count(cfg))
-    return None if run is None or None in teachers else run + sum(t for t in teachers if t)
+    return None if run is None or None in teachers else RATES_S["convert"] + run + sum(t for t in teachers if t)
 
 
 def plan_experiment(cfg: ExperimentConfig) -> list[StagePlan]:
@@ -343,7 +441,7 @@ def format_plan(cfg: ExperimentConfig, stages: Sequence[StagePlan]) -> str:
     else:
         seconds = experiment_seconds(cfg)
         lines += ["", "a local model: no API cost; requests = what an API would be sent: prompts, questions (n samples each), students",
-                  f"estimated time on 2 CPU cores: {round(seconds / 60)} min, teachers built from scratch (rates measured on "
+                  f"estimated time on 2 CPU cores: {round(seconds / 60)} min from an empty cache: model converted, teachers built (rates measured on "
                   "this project's machine: sublab.plan.RATES_S)" if seconds is not None else
                   f"estimated time: no measured rate for {cfg.base_model} on {cfg.device} (rates: {MEASURED_MODEL} on 2 "
                   "CPU cores)"]
