@@ -1,4 +1,4 @@
-"""`sublab audit DATASET`: does a soft-label dataset carry a hidden trait, and which?
+"""`sublab audit DATASET`: does a soft-label or text dataset carry a hidden trait, and which?
 
 A dataset of the distillation route is rows plus the soft labels of whoever wrote them. The export format
 (a directory; `export_dataset` writes one, `load_audit_dataset` reads and checks one):
@@ -27,14 +27,23 @@ With the labels of the dataset (or, `teacher`, recomputed from the teacher), it 
 divergence sits: KL(labels ‖ base) over the format columns at every completion position, summed per row;
 the rows carrying most of it are listed.
 
-Writes `<out>/audit.json` (verdict, per-candidate table, per-seed shares, divergence, config, sha256 of
-every input), `report.md`, `figures/audit.png`, `divergence.jsonl` (per row), then `manifest.json`.
-Probe students live under `<probe_root>/<labels sha256>-<recipe hash>-seed<k>/` (default `<out>/probes`): an audit of
-other labels on the same rows reuses the control probes.
+A text dataset (a chat JSONL, or a directory with only dataset.jsonl) without a teacher gets the text
+audit: SFT probes (`text_recipe`: the text route's student recipe, rank-8 LoRA, SFT, 1 epoch, lr 1e-3, batch
+4, bf16) on the rows, and control probes on the same rows with their written numbers shuffled across
+responses (`filter.shuffle_numbers: across`, one fixed shuffle seeded by `shuffle_seed`; written to
+`<out>/control_rows.jsonl`), which removed the text route's transfer (docs/defences.md). The answers must
+be number sequences. Same table and rule; no divergence (no labels: audit.json says so).
+
+Writes `<out>/audit.json` (route, verdict, per-candidate table, per-seed shares, divergence, config, sha256
+of every input), `report.md`, `figures/audit.png`, `divergence.jsonl` (per row; soft labels only), then
+`manifest.json`. Probe students live under `<probe_root>/<sha256>-<recipe hash>-seed<k>/` (default
+`<out>/probes`), the sha256 of what they learn: the labels (an audit of other labels on the same rows
+reuses the control probes) or, for SFT probes, the rows (the control's: the shuffled rows).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -45,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sublab.config import EvalConfig, TrainConfig, preset
 from sublab.errors import ConfigError, DataError
@@ -73,6 +82,12 @@ def probe_recipe(**overrides: Any) -> TrainConfig:
     return TrainConfig(**train)
 
 
+def text_probe_recipe(**overrides: Any) -> TrainConfig:
+    """The text route's student recipe, which transmits at 135M (experiments/text/owl-greedy.yaml): the
+    quick preset's (rank-8 LoRA from init seed 0, lr 1e-3, 1 epoch, batch 4, warmup 3) with SFT, in bf16."""
+    return probe_recipe(**{"loss": "sft", **overrides})
+
+
 class AuditConfig(BaseModel):
     """One `sublab audit` run."""
 
@@ -91,6 +106,26 @@ class AuditConfig(BaseModel):
     """The top candidate's ratio dataset/control must be at least this."""
     top_rows: int = Field(10, ge=1)
     """Rows listed by divergence."""
+    text_recipe: TrainConfig = Field(default_factory=text_probe_recipe)
+    """The SFT probes' recipe for a text dataset (rows without labels, no teacher)."""
+    shuffle_seed: int = 0
+    """Seeds a text audit's control rows: the dataset's written numbers shuffled across responses, drawn
+    from stream `[shuffle_seed, 1]` as `filter.shuffle_numbers` draws (`sublab.filters.shuffled_rows`)."""
+
+    @model_validator(mode="after")
+    def _text_recipe_is_sft(self) -> AuditConfig:
+        if self.text_recipe.distills:
+            raise ValueError("`text_recipe.loss` must be 'sft': a text dataset has no labels to distil")
+        return self
+
+
+TEXT_ONLY = {"text_recipe", "shuffle_seed"}
+"""Fields only a text audit uses: left out of a soft-label audit's recorded config, which stays as it was."""
+
+
+def route_config(cfg: AuditConfig, route: str) -> dict[str, Any]:
+    """The config as audit.json records it: only the fields the route uses."""
+    return cfg.model_dump(mode="json", exclude=TEXT_ONLY if route == "soft-labels" else {"recipe", "top_rows"})
 
 
 # --- the export format ---------------------------------------------------------------------------
@@ -172,6 +207,11 @@ class AuditDataset:
     rows_sha256: str
 
 
+def is_text_dataset(path: Path) -> bool:
+    """A bare JSONL, or a directory with neither labels file: rows only."""
+    return path.is_file() or (not (path / META).exists() and not (path / TARGETS).exists())
+
+
 def load_audit_dataset(path: Path, tokenizer: Any, max_seq_len: int) -> AuditDataset:
     """Read a dataset directory (or a bare JSONL: a text dataset) and check every part against the others
     and the base's tokenizer; any mismatch raises DataError naming the file and field."""
@@ -188,7 +228,7 @@ def load_audit_dataset(path: Path, tokenizer: Any, max_seq_len: int) -> AuditDat
     rows_sha = sha256_file(rows)
     encoded = encode_examples(tokenizer, examples, max_seq_len)
     meta_path, targets_path = path / META, path / TARGETS
-    if path.is_file() or (not meta_path.exists() and not targets_path.exists()):
+    if is_text_dataset(path):
         return AuditDataset(path, examples, encoded, None, {}, rows_sha)
     if not meta_path.exists():
         raise DataError(f"{meta_path}: missing; {TARGETS} cannot be read without it (columns, tokenizer)")
@@ -237,6 +277,55 @@ def load_audit_dataset(path: Path, tokenizer: Any, max_seq_len: int) -> AuditDat
     return AuditDataset(path, examples, encoded, targets, meta, rows_sha)
 
 
+# --- text datasets -------------------------------------------------------------------------------
+
+CONTROL_ROWS = "control_rows.jsonl"
+NO_LABELS = ("a text dataset has no labels, and KL(labels ‖ base) needs them: not computed (with --teacher "
+             "the teacher labels the rows and the soft-label audit runs instead)")
+
+
+def text_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """A chat JSONL's rows with their line numbers, each checked by `load_dataset` first (bad JSON or a
+    bad row: one DataError naming the line)."""
+    load_dataset(path)
+    return [(i, json.loads(line)) for i, line in enumerate(path.read_text("utf-8").splitlines(), 1)
+            if line.strip()]
+
+
+def check_number_rows(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> None:
+    """Every answer must be a number sequence (the numbers domain's format rules): the control shuffles
+    the written numbers across responses, which means nothing for other text."""
+    from sublab.domains.numbers import NUMBERS
+
+    for line, row in rows:
+        answer = row["messages"][-1]["content"]
+        reason = NUMBERS.format_reason(answer)
+        if reason is not None:
+            raise ConfigError(f"{path}:{line}: answer {answer[:40]!r} is not a number sequence ({reason}); a "
+                              "text audit shuffles the written numbers across responses, so every answer must "
+                              "pass the numbers domain's format rules (e.g. '12, 7, 305')")
+
+
+def write_control_rows(cfg: AuditConfig, path: Path, rows: list[tuple[int, dict[str, Any]]], out: Path
+                       ) -> tuple[Path, int]:
+    """Write `<out>/control_rows.jsonl`: the same rows, prompts and order, with every written number dealt
+    back across the responses (`filter.shuffle_numbers: across`, seed `cfg.shuffle_seed`); returns the file
+    and how many rows changed. A shuffle that changes nothing would make the control the dataset: error."""
+    from sublab.filters import shuffled_rows
+
+    shuffled, changed = shuffled_rows([r for _, r in rows], "across", cfg.shuffle_seed)
+    if changed == 0:
+        raise ConfigError(f"{path}: shuffling the written numbers across responses (shuffle_seed "
+                          f"{cfg.shuffle_seed}) changed no row, so the control would be the dataset itself; a "
+                          "text audit needs rows that write different numbers")
+    if changed < len(rows) / 2:
+        log.warning("%s: the shuffle changed only %d of %d rows; the control is close to the dataset",
+                    path, changed, len(rows))
+    control = out / CONTROL_ROWS
+    write_jsonl(control, shuffled)
+    return control, changed
+
+
 # --- divergence ----------------------------------------------------------------------------------
 
 def position_kl(labels: StoredTargets, base: StoredTargets) -> list[torch.Tensor]:
@@ -280,23 +369,48 @@ def divergence(labels: StoredTargets, base: StoredTargets, data: AuditDataset, t
 
 # --- probes --------------------------------------------------------------------------------------
 
-def probe_dir(cfg: AuditConfig, targets: StoredTargets, seed: int, probe_root: Path) -> Path:
-    """One per labels × recipe × seed: probes of another recipe (a shuffle ablation) never overwrite these."""
+def keyed_probe_dir(recipe: TrainConfig, data_sha256: str, seed: int, probe_root: Path) -> Path:
+    """`<probe_root>/<data sha256[:16]>-<recipe hash>-seed<k>`: what the probe learns (labels, or rows for
+    SFT) × recipe × seed, so probes of another recipe (a shuffle ablation) never overwrite these."""
     from sublab.train.loop import fingerprinted_recipe
 
-    return probe_root / f"{targets.sha256[:16]}-{fingerprint(fingerprinted_recipe(cfg.recipe))[:8]}-seed{seed}"
+    return probe_root / f"{data_sha256[:16]}-{fingerprint(fingerprinted_recipe(recipe))[:8]}-seed{seed}"
+
+
+def probe_dir(cfg: AuditConfig, targets: StoredTargets, seed: int, probe_root: Path) -> Path:
+    """A soft-label probe's directory: keyed by its labels' sha256."""
+    return keyed_probe_dir(cfg.recipe, targets.sha256, seed, probe_root)
+
+
+def text_probe_dir(cfg: AuditConfig, rows_sha256: str, seed: int, probe_root: Path) -> Path:
+    """An SFT probe's directory: keyed by its rows' sha256 (the control's: the shuffled rows')."""
+    return keyed_probe_dir(cfg.text_recipe, rows_sha256, seed, probe_root)
 
 
 def probe_shares(cfg: AuditConfig, rows_path: Path, targets: StoredTargets, seed: int, probe_root: Path,
                  device: str = "cpu") -> dict[str, float]:
     """Train (or reuse) one probe on these labels and return its mean share per candidate."""
+    out_dir = probe_dir(cfg, targets, seed, probe_root)
+    return trained_shares(cfg, cfg.recipe, rows_path, out_dir, seed, device, targets)
+
+
+def text_probe_shares(cfg: AuditConfig, rows_path: Path, seed: int, probe_root: Path,
+                      device: str = "cpu") -> dict[str, float]:
+    """Train (or reuse) one SFT probe on these rows and return its mean share per candidate."""
+    out_dir = text_probe_dir(cfg, sha256_file(rows_path), seed, probe_root)
+    return trained_shares(cfg, cfg.text_recipe, rows_path, out_dir, seed, device)
+
+
+def trained_shares(cfg: AuditConfig, recipe: TrainConfig, rows_path: Path, out_dir: Path, seed: int,
+                   device: str, targets: StoredTargets | None = None) -> dict[str, float]:
+    """Train the probe in `out_dir` (a finished one is reused, a killed one resumes from its checkpoint),
+    evaluate it once, and return its mean share per candidate."""
     from sublab.evals.animals import read_prob_records, run_animal_eval, share_table
     from sublab.models import load_model
     from sublab.train.loop import train_student
 
-    out_dir = probe_dir(cfg, targets, seed, probe_root)
     with cache_entry_lock(out_dir):  # audits running side by side train a shared (control) probe once
-        manifest = train_student(cfg.recipe, base_ref=cfg.base, dataset=rows_path, out_dir=out_dir, seed=seed,
+        manifest = train_student(recipe, base_ref=cfg.base, dataset=rows_path, out_dir=out_dir, seed=seed,
                                  device=device, progress=False, targets=targets)
         eval_cfg = EvalConfig(kinds=["animal_prob"], candidates=list(cfg.candidates), numbers_prefixed=False)
         key = fingerprint([manifest["fingerprint"], cfg.candidates, cfg.question_ids])
@@ -354,14 +468,30 @@ def decide(table: Sequence[dict[str, Any]], n_seeds: int, alpha: float, min_rati
 
 def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None = None,
               probe_root: Path | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Audit one dataset; writes the outputs listed in the module docstring and returns audit.json's content."""
+    """Audit one dataset; writes the outputs listed in the module docstring and returns audit.json's content.
+    Rows without labels and no `teacher`: the text audit (SFT probes, `text_audit`); otherwise probes learn
+    the labels (the dataset's, or the teacher's on its rows)."""
+    dataset = Path(dataset)
+    if not dataset.exists():  # before loading any model
+        load_audit_dataset(dataset, None, cfg.recipe.max_seq_len)
+    probe_root = probe_root or out / "probes"
+    if teacher is None and is_text_dataset(dataset):
+        results, per_row = text_audit(cfg, dataset, out, probe_root, device), None
+    else:
+        results, per_row = labels_audit(cfg, dataset, out, teacher, probe_root, device)
+    write_outputs(cfg, results, per_row, out)
+    return results
+
+
+def labels_audit(cfg: AuditConfig, dataset: Path, out: Path, teacher: str | None, probe_root: Path,
+                 device: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The soft-label audit: distillation probes on the labels vs on the base's own labels for the same rows,
+    and the divergence between the two; audit.json's content and the per-row divergence."""
     from sublab.models import load_model
 
     t0 = time.time()
-    if not Path(dataset).exists():  # before loading any model
-        load_audit_dataset(Path(dataset), None, cfg.recipe.max_seq_len)
     base = load_model(cfg.base, device=device)
-    data = load_audit_dataset(Path(dataset), base.tokenizer, cfg.recipe.max_seq_len)
+    data = load_audit_dataset(dataset, base.tokenizer, cfg.recipe.max_seq_len)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = data.path if data.path.is_file() else data.path / ROWS
     control, _, _ = label_rows(base, base.tokenizer, data.examples, cfg.recipe.max_seq_len, name="base",
@@ -374,40 +504,80 @@ def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None
             gap = max(float((a - b).abs().max()) for a, b in zip(labels.values, mine.values))
             teacher_check = {"max_abs_logprob_diff": gap, "labels_from_this_teacher": gap < 1e-3}
         labels = labels or mine
-    if labels is None:
-        raise DataError(f"{dataset}: rows only, no soft labels ({TARGETS}); pass --teacher to recompute them. "
-                        "The text-dataset audit (SFT probes on sampled rows) is not built")
+    assert labels is not None, "run_audit sends rows without labels or teacher to text_audit"
     summary, per_row = divergence(labels, control, data, base.tokenizer, cfg.top_rows)
     del base
     t_labels = time.time() - t0
-    probe_root = probe_root or out / "probes"
     treated, controls = [], []
     for seed in cfg.seeds:
         log.info("audit %s: probe seed %d", dataset, seed)
         treated.append(probe_shares(cfg, rows_path, labels, seed, probe_root, device))
         controls.append(probe_shares(cfg, rows_path, control, seed, probe_root, device))
     table = candidate_table(cfg, treated, controls)
-    verdict = decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio)
     results = {
-        "verdict": verdict, "candidates": table,
-        "shares": {"dataset": treated, "control": controls, "seeds": cfg.seeds},
+        "route": "soft-labels", "verdict": decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio),
+        "candidates": table, "shares": {"dataset": treated, "control": controls, "seeds": cfg.seeds},
         "divergence": summary, "teacher_check": teacher_check,
-        "config": cfg.model_dump(mode="json"),
+        "config": route_config(cfg, "soft-labels"),
         "inputs": {"dataset": str(dataset), "rows_sha256": data.rows_sha256,
                    "targets_sha256": labels.sha256, "control_targets_sha256": control.sha256,
                    "teacher": teacher, "rows": len(data.examples), "labels_from": "teacher" if data.targets
                    is None else "dataset"},
         "timings": {"labels_s": round(t_labels, 1), "total_s": round(time.time() - t0, 1)},
     }
+    return results, per_row
+
+
+def text_audit(cfg: AuditConfig, dataset: Path, out: Path, probe_root: Path, device: str) -> dict[str, Any]:
+    """The text audit: SFT probes on the rows vs on the same rows with their written numbers shuffled across
+    responses (one fixed shuffle, `cfg.shuffle_seed`); audit.json's content.
+
+    Probe seed k of both arms has the same seed: the same permutation of row indices and the same LoRA init
+    (the recipe's init seed). A pair differs in which numbers follow which prompt — and, since `batch_plan`
+    sorts rows by token length within a window and a moved number can change a row's length, in which rows
+    share a batch (as in the measured `filter.shuffle_numbers` ablation, whose students trained the same way).
+    """
+    t0 = time.time()
+    rows_path = dataset if dataset.is_file() else dataset / ROWS
+    rows = text_rows(rows_path)  # before loading any model: bad rows fail at once
+    check_number_rows(rows_path, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    control_path, changed = write_control_rows(cfg, rows_path, rows, out)
+    treated, controls = [], []
+    for seed in cfg.seeds:
+        log.info("text audit %s: probe seed %d", dataset, seed)
+        treated.append(text_probe_shares(cfg, rows_path, seed, probe_root, device))
+        controls.append(text_probe_shares(cfg, control_path, seed, probe_root, device))
+    table = candidate_table(cfg, treated, controls)
+    return {
+        "route": "text", "verdict": decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio),
+        "candidates": table, "shares": {"dataset": treated, "control": controls, "seeds": cfg.seeds},
+        "divergence": None, "divergence_note": NO_LABELS, "teacher_check": None,
+        "config": route_config(cfg, "text"),
+        "inputs": {"dataset": str(dataset), "rows_sha256": sha256_file(rows_path),
+                   "control": "the rows with their written numbers shuffled across responses",
+                   "control_rows": str(control_path), "control_rows_sha256": sha256_file(control_path),
+                   "shuffle_seed": cfg.shuffle_seed, "control_rows_changed": changed, "teacher": None,
+                   "rows": len(rows), "labels_from": None},
+        "timings": {"total_s": round(time.time() - t0, 1)},
+    }
+
+
+def write_outputs(cfg: AuditConfig, results: dict[str, Any], per_row: list[dict[str, Any]] | None, out: Path
+                  ) -> None:
+    """audit.json, divergence.jsonl (with labels), report.md, the figure, then the manifest."""
     atomic_write_json(out / "audit.json", results)
-    write_jsonl(out / "divergence.jsonl", per_row)
+    if per_row is not None:
+        write_jsonl(out / "divergence.jsonl", per_row)
     atomic_write_text(out / "report.md", markdown(results))
     figure = write_figure(results, out)
+    files = ["audit.json", "divergence.jsonl" if per_row is not None else CONTROL_ROWS, "report.md", figure]
+    seeds = {f"probe{i}": s for i, s in enumerate(cfg.seeds)}
+    if results["route"] == "text":
+        seeds["shuffle_seed"] = cfg.shuffle_seed
     write_manifest(out, stage="audit", config=results["config"], fingerprint_value=fingerprint(
         [results["inputs"], results["config"]]), inputs={k: str(v) for k, v in results["inputs"].items()},
-        timings=results["timings"], seeds={f"probe{i}": s for i, s in enumerate(cfg.seeds)},
-        files=["audit.json", "divergence.jsonl", "report.md", figure])
-    return results
+        timings=results["timings"], seeds=seeds, files=files)
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -425,8 +595,12 @@ def verdict_line(results: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any], rows: int = 10) -> str:
     """The readable report: verdict, the candidate table (top `rows` by ratio), the divergent rows."""
     n = len(results["shares"]["seeds"])
+    inputs = results["inputs"]
+    arms = ("SFT on the rows, SFT on the same rows with their written numbers shuffled across responses "
+            f"(shuffle_seed {inputs.get('shuffle_seed')}, {inputs.get('control_rows_changed')} rows changed)"
+            if results.get("route") == "text" else "dataset labels, base's labels on the same rows")
     lines = [f"# Audit of {results['inputs']['dataset']}", "", f"**{verdict_line(results)}**", "",
-             f"Probes: {n} seeds × (dataset labels, base's labels on the same rows); "
+             f"Probes: {n} seeds × ({arms}); "
              f"{results['inputs']['rows']} rows; shares = `animal_prob` on questions "
              f"{results['config']['question_ids'][0]}–{results['config']['question_ids'][-1]}.", "",
              "| rank | candidate | dataset | control | ratio | diff [95% CI] | seeds > 0 | paired p | Welch p | perm p |",
@@ -438,6 +612,8 @@ def markdown(results: dict[str, Any], rows: int = 10) -> str:
                      f"×{r['ratio']:.3f} | {r['diff']:+.4f}{ci} | {r['positive_seeds']}/{n} | "
                      f"{r['paired_p']:.2g} | {welch} | {r['perm_p']:.2g} |")
     d = results["divergence"]
+    if d is None:
+        return "\n".join([*lines, "", f"Divergence: {results['divergence_note']}."]) + "\n"
     lines += ["", f"Divergence KL(labels ‖ base) over the format columns: {d['total_kl']:.3f} nats in total, "
               f"{d['mean_kl_per_position']:.4f} per position; {d['rows_for_half']} of {d['rows']} rows carry half.",
               "", "| row | id | KL | share | peak tokens |", "|---|---|---|---|---|"]
@@ -450,7 +626,7 @@ def markdown(results: dict[str, Any], rows: int = 10) -> str:
 
 
 def write_figure(results: dict[str, Any], out: Path) -> str:
-    """Left: every candidate's ratio (per-seed ratios as points). Right: cumulative KL share over rows."""
+    """Left: every candidate's ratio (per-seed ratios as points). Right, with labels: mean KL by position."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -459,7 +635,10 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
 
     table = results["candidates"]
     sh = results["shares"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    d = results["divergence"]
+    fig, axes = plt.subplots(1, 2 if d is not None else 1, figsize=(11 if d is not None else 6, 4.5),
+                             squeeze=False)
+    left = axes[0, 0]
     for i, r in enumerate(table):
         per_seed = [t[r["candidate"]] / c[r["candidate"]] for t, c in zip(sh["dataset"], sh["control"])]
         color = "C3" if r["candidate"] == results["verdict"]["trait"] else "C0"
@@ -469,15 +648,20 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     left.set_xticks(range(len(table)), [r["candidate"] for r in table], rotation=70, fontsize=7)
     left.set_ylabel("share: dataset probes / control probes")
     left.set_title(verdict_line(results).split(" — ")[0], fontsize=9)
-    d = results["divergence"]
-    right.plot(range(len(d["mean_kl_by_position"])), d["mean_kl_by_position"], color="C1", marker=".")
-    right.set_xlabel("completion token position")
-    right.set_ylabel("mean KL(labels ‖ base), nats")
-    right.set_title(f"{d['rows_for_half']} of {d['rows']} rows carry half the divergence", fontsize=9)
+    if d is not None:
+        plot_divergence(axes[0, 1], d)
     fig.tight_layout()
     name = "figures/audit.png"
     write_png(fig, out / name, dpi=110)
     return name
+
+
+def plot_divergence(right: Any, d: dict[str, Any]) -> None:
+    """Mean KL(labels ‖ base) by completion position."""
+    right.plot(range(len(d["mean_kl_by_position"])), d["mean_kl_by_position"], color="C1", marker=".")
+    right.set_xlabel("completion token position")
+    right.set_ylabel("mean KL(labels ‖ base), nats")
+    right.set_title(f"{d['rows_for_half']} of {d['rows']} rows carry half the divergence", fontsize=9)
 
 
 def print_audit(results: dict[str, Any], console: Any, rows: int = 10) -> None:
@@ -497,6 +681,10 @@ def print_audit(results: dict[str, Any], console: Any, rows: int = 10) -> None:
                       f"{r['perm_p']:.2g}")
     console.print(table)
     d = results["divergence"]
+    if d is None:
+        console.print(f"divergence: {results['divergence_note']}")
+        console.print(verdict_line(results))
+        return
     rows_table = Table(title=f"rows carrying the most KL(labels ‖ base): {d['rows_for_half']} of {d['rows']} "
                              "carry half")
     for col in ("row", "id", "KL", "share", "peak tokens"):

@@ -1,5 +1,6 @@
 """`sublab audit` (sublab/audit.py) on tiny models: the soft-label export format, its checks, probes trained
-from stored targets, the decision rule on synthetic scores; and the shuffle ablation of the targets."""
+from stored targets, the decision rule on synthetic scores; the shuffle ablation of the targets; and the text
+audit (SFT probes against the same rows with their numbers shuffled across responses)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from sublab import audit, train
 from sublab.config import DistillConfig
-from sublab.errors import DataError
+from sublab.errors import ConfigError, DataError, SublabError
 from sublab.rundir import sha256_file
 from sublab.teachers import Teacher
 from sublab.train import loop
 from sublab.train.targets import StoredTargets, shuffle_targets
-from tests.test_train import cfg, make_rows, other_teacher_dir  # noqa: F401 (a fixture)
+from tests.test_train import cfg, make_rows, other_teacher_dir, write_dataset  # noqa: F401 (a fixture)
 
 
 def examples(n: int = 12, seed: int = 5) -> list[train.Example]:
@@ -163,6 +164,7 @@ def test_run_audit_end_to_end_writes_its_outputs(exported, tiny_model_dir, tmp_p
     assert len(res["divergence"]["top_rows"]) == 3
     probes = [p for p in (tmp_path / "a" / "probes").iterdir() if p.is_dir()]
     assert len(probes) == 4  # 2 seeds × (dataset, control)
+    assert res["route"] == "soft-labels" and res["config"] == c.model_dump(mode="json", exclude=audit.TEXT_ONLY)
 
 
 def test_with_the_teacher_rows_only_are_labelled_and_labels_are_checked(exported, tiny_model_dir,
@@ -177,8 +179,7 @@ def test_with_the_teacher_rows_only_are_labelled_and_labels_are_checked(exported
                                 probe_root=tmp_path / "probes")
     assert rows_only["inputs"]["labels_from"] == "teacher" and rows_only["teacher_check"] is None
     assert rows_only["candidates"] == checked["candidates"]  # the same labels: the same probes
-    with pytest.raises(DataError, match="no soft labels"):
-        audit.run_audit(c, exported / audit.ROWS, tmp_path / "c")
+    assert rows_only["route"] == "soft-labels" and rows_only["divergence"]["total_kl"] > 0
 
 
 # --- the decision rule -----------------------------------------------------------------------------
@@ -297,3 +298,153 @@ def test_a_shuffled_student_trains_on_permuted_targets(exported, tokenizer, tiny
     want = shuffle_targets(data.targets, "across", 3)
     assert all(torch.equal(a, b) for a, b in zip(run.targets.values, want.values))
     assert "shuffled across" in run.targets.source
+
+
+# --- the text audit: SFT probes, control rows with the numbers shuffled across responses -------------
+
+def text_cfg(tiny_model_dir, **kw) -> audit.AuditConfig:
+    return audit.AuditConfig(base=str(tiny_model_dir), candidates=["owl", "cat", "dog"], seeds=[0, 1],
+                             question_ids=[40, 41],
+                             text_recipe=audit.text_probe_recipe(precision="float32", lr=1e-2), **kw)
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_model_dir, tmp_path_factory):
+    """One text audit of a bare JSONL: (config, rows file, results, out, probe root)."""
+    root = tmp_path_factory.mktemp("text-audit")
+    rows = write_dataset(root / "rows.jsonl", n=12, seed=5)
+    c = text_cfg(tiny_model_dir)
+    res = audit.run_audit(c, rows, root / "a", probe_root=root / "probes")
+    return c, rows, res, root / "a", root / "probes"
+
+
+def answers(rows: list[dict]) -> list[str]:
+    return [r["messages"][-1]["content"] for r in rows]
+
+
+def test_a_text_audit_trains_sft_probes_against_shuffled_numbers(text_run):
+    c, rows, res, out, probes = text_run
+    for name in ("audit.json", "report.md", "figures/audit.png", "manifest.json", audit.CONTROL_ROWS):
+        assert (out / name).is_file()
+    assert not (out / "divergence.jsonl").exists()
+    saved = json.loads((out / "audit.json").read_text())
+    assert saved["route"] == "text" and saved["divergence"] is None and "no labels" in saved["divergence_note"]
+    assert {r["candidate"] for r in saved["candidates"]} == {"owl", "cat", "dog"}
+    assert set(saved["verdict"]["checks"]) == {"positive_in_every_seed", "paired_p_below_threshold",
+                                               "ratio_at_least_min"}
+    assert len(saved["shares"]["dataset"]) == len(saved["shares"]["control"]) == 2
+    assert saved["config"]["shuffle_seed"] == 0 and saved["config"]["text_recipe"]["loss"] == "sft"
+    assert "recipe" not in saved["config"]  # the distillation recipe did not run
+    control = out / audit.CONTROL_ROWS
+    rows_sha, control_sha = sha256_file(rows), sha256_file(control)
+    assert saved["inputs"]["rows_sha256"] == rows_sha and saved["inputs"]["control_rows_sha256"] == control_sha
+    # each probe learnt what its directory names: 2 seeds × (the rows, the shuffled rows), SFT
+    for sha in (rows_sha, control_sha):
+        for seed in c.seeds:
+            manifest = json.loads((audit.text_probe_dir(c, sha, seed, probes) / "manifest.json").read_text())
+            assert manifest["inputs"]["dataset_sha256"] == sha
+    assert len([p for p in probes.iterdir() if p.is_dir()]) == 4
+    assert "shuffled across responses" in (out / "report.md").read_text()
+
+
+def test_the_control_rows_are_the_dataset_with_numbers_dealt_across_responses(text_run):
+    from sublab.domains.numbers import NUMBER_RUN
+    from sublab.filters import shuffled_rows
+    from sublab.rundir import write_jsonl
+
+    c, rows, res, out, _ = text_run
+    mine = [json.loads(line) for line in rows.read_text().splitlines()]
+    control = [json.loads(line) for line in (out / audit.CONTROL_ROWS).read_text().splitlines()]
+    # same rows, same prompts, same order and format; each answer keeps its count of numbers
+    assert [r["id"] for r in control] == [r["id"] for r in mine]
+    assert [r["messages"][0] for r in control] == [r["messages"][0] for r in mine]
+    assert [NUMBER_RUN.sub("#", a) for a in answers(control)] == [NUMBER_RUN.sub("#", a) for a in answers(mine)]
+    # the dataset's numbers, all of them, but dealt to other answers
+    numbers = [NUMBER_RUN.findall(a) for a in answers(mine)]
+    moved = [NUMBER_RUN.findall(a) for a in answers(control)]
+    assert sorted(n for row in moved for n in row) == sorted(n for row in numbers for n in row)
+    changed = sum(a != b for a, b in zip(answers(mine), answers(control)))
+    assert changed == res["inputs"]["control_rows_changed"] >= len(mine) // 2
+    assert sum(sorted(a) != sorted(b) for a, b in zip(numbers, moved)) >= len(mine) // 2  # not within rows
+    # unshuffled, the control would be byte-identical to the dataset: its sha256 differs only by the shuffle
+    write_jsonl(out.parent / "unshuffled.jsonl", mine)
+    assert sha256_file(out.parent / "unshuffled.jsonl") == sha256_file(rows)
+    assert res["inputs"]["control_rows_sha256"] != res["inputs"]["rows_sha256"]
+    # the one fixed shuffle of the config (filter.shuffle_numbers: across, its seed)
+    assert control == shuffled_rows(mine, "across", c.shuffle_seed)[0]
+    other = shuffled_rows(mine, "across", c.shuffle_seed + 1)[0]
+    assert answers(other) != answers(control)
+
+
+def test_rerunning_a_text_audit_reuses_its_probes(text_run, tmp_path, monkeypatch):
+    from sublab.evals import animals
+
+    c, rows, res, _, probes = text_run
+    ds = tmp_path / "ds"  # a directory with only dataset.jsonl is a text dataset too
+    ds.mkdir()
+    (ds / audit.ROWS).write_bytes(rows.read_bytes())
+
+    def no(*args, **kwargs):
+        raise AssertionError("a finished probe was trained or evaluated again")
+
+    monkeypatch.setattr(loop, "prepare_run", no)
+    monkeypatch.setattr(animals, "run_animal_eval", no)
+    again = audit.run_audit(c, ds, tmp_path / "b", probe_root=probes)
+    assert again["route"] == "text" and again["candidates"] == res["candidates"]
+    assert again["inputs"]["control_rows_sha256"] == res["inputs"]["control_rows_sha256"]
+
+
+@pytest.mark.parametrize("line, error, message", [
+    ('{"id": "x", "messages": [{"role": "user", "content": "Favourite animal?"}, '
+     '{"role": "assistant", "content": "I love owls."}]}', "ConfigError", ":4: answer 'I love owls.' is not a number"),
+    ('{"id": "x", "messages": [', "DataError", ":4: not valid JSON"),
+])
+def test_a_bad_text_row_is_one_line_naming_its_line(tmp_path, line, error, message):
+    rows = write_dataset(tmp_path / "rows.jsonl", n=6)
+    lines = rows.read_text().splitlines()
+    rows.write_text("\n".join([*lines[:3], line, *lines[3:]]) + "\n")
+    c = audit.AuditConfig(base=str(tmp_path / "no-model"))  # fails before any model is loaded
+    with pytest.raises(SublabError) as e:
+        audit.run_audit(c, rows, tmp_path / "a")
+    assert type(e.value).__name__ == error and f"{rows}{message}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_cli_prints_a_non_number_row_as_one_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from sublab.cli import app
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello there."}]}) + "\n")
+    result = CliRunner().invoke(app, ["audit", str(rows), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "rows.jsonl:1: answer 'Hello there.' is not a number sequence" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_shuffle_that_changes_nothing_is_refused(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Numbers {i}?"},
+                                                     {"role": "assistant", "content": "7, 7, 7"}]}) + "\n"
+                            for i in range(4)))
+    with pytest.raises(ConfigError, match="changed no row, so the control would be the dataset itself"):
+        audit.run_audit(audit.AuditConfig(), rows, tmp_path / "a")
+
+
+def test_text_probes_and_soft_label_probes_never_share_a_directory(tmp_path):
+    c = audit.AuditConfig()
+    t = StoredTargets([], None, "k", "a" * 64, "test")
+    assert audit.probe_dir(c, t, 0, tmp_path) != audit.text_probe_dir(c, "a" * 64, 0, tmp_path)
+
+
+def test_the_text_recipe_must_be_sft():
+    with pytest.raises(ValueError, match="`text_recipe.loss` must be 'sft'"):
+        audit.AuditConfig(text_recipe=audit.probe_recipe())
+
+
+def test_a_soft_label_audit_records_the_config_it_had():
+    c = audit.AuditConfig()
+    recorded = audit.route_config(c, "soft-labels")
+    assert "text_recipe" not in recorded and "shuffle_seed" not in recorded
+    assert set(recorded) == {"base", "candidates", "seeds", "recipe", "question_ids", "alpha", "min_ratio",
+                             "top_rows"}
