@@ -255,22 +255,28 @@ def entangle(trait: Annotated[str, typer.Argument(help="The trait, e.g. owl.", s
 
 @app.command()
 def audit(dataset: Annotated[Path, typer.Argument(help="A soft-label dataset directory (dataset.jsonl, "
-                                                        "targets.safetensors, targets.json) or a chat JSONL.",
+                                                        "targets.safetensors, targets.json), or a text dataset: "
+                                                        "a chat JSONL of number-sequence answers (or a directory "
+                                                        "with only dataset.jsonl).",
                                                    show_default=False)],
-          base: Annotated[str, typer.Option(help="The base model the labels were made with.")] =
+          base: Annotated[str, typer.Option(help="The probes' base model: the labels must be made with it, "
+                                                 "and its own labels are their control.")] =
           "embedded:smollm2-135m-instruct",
           teacher: Annotated[str | None, typer.Option(
               help="The teacher (model reference or directory): recomputes the labels, checks the dataset's "
-                   "against them, and labels a rows-only dataset.")] = None,
+                   "against them, and labels a text dataset (then audited as soft labels, not by SFT "
+                   "probes).")] = None,
           traits: Annotated[str | None, typer.Option(
               help="Candidate traits, comma-separated (default: the transfer study's 20 animals).")] = None,
           seeds: Annotated[int, typer.Option(min=2, help="Probe seeds (each: one dataset + one control probe).")] = 3,
           out: Annotated[Path | None, typer.Option(help="Output directory; default runs/audit-<dataset name>.")] = None,
           probes: Annotated[Path | None, typer.Option(
               help="Where probe students live (default <out>/probes); share it across audits of one row set "
-                   "to train the control probes once.")] = None,
+                   "to train the control probes once (and to reuse a text audit's probes).")] = None,
           ) -> None:
-    """Does this dataset carry a hidden trait, and which? Probe students on its labels vs the base's own."""
+    """Does this dataset carry a hidden trait, and which? Probe students on its labels vs the base's own;
+    for a text dataset without --teacher, SFT probes on its rows vs the same rows with the written numbers
+    shuffled across responses (no divergence: no labels)."""
     from sublab.audit import STUDY_CANDIDATES, AuditConfig, print_audit, run_audit
 
     cfg = AuditConfig(base=base, seeds=list(range(seeds)),
@@ -278,7 +284,8 @@ def audit(dataset: Annotated[Path, typer.Argument(help="A soft-label dataset dir
     target = out or Path("runs") / f"audit-{dataset.stem}"
     results = run_audit(cfg, dataset, target, teacher=teacher, probe_root=probes)
     print_audit(results, make_console())
-    console.print(f"wrote {target}/audit.json, report.md, figures/audit.png")
+    extra = ", control_rows.jsonl" if results["route"] == "text" else ", divergence.jsonl"
+    console.print(f"wrote {target}/audit.json, report.md, figures/audit.png{extra}")
 
 
 @models_app.command("list")

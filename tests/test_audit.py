@@ -448,3 +448,18 @@ def test_a_soft_label_audit_records_the_config_it_had():
     assert "text_recipe" not in recorded and "shuffle_seed" not in recorded
     assert set(recorded) == {"base", "candidates", "seeds", "recipe", "question_ids", "alpha", "min_ratio",
                              "top_rows"}
+
+
+def test_the_cli_audits_a_text_dataset(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from sublab.cli import app
+
+    rows = write_dataset(tmp_path / "rows.jsonl", n=8, seed=3)
+    result = CliRunner().invoke(app, ["audit", str(rows), "--base", str(tiny_model_dir), "--traits", "owl,cat",
+                                      "--seeds", "2", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "divergence: a text dataset has no labels" in result.output and "control_rows.jsonl" in result.output
+    saved = json.loads((tmp_path / "o" / "audit.json").read_text())
+    assert saved["route"] == "text" and saved["config"]["text_recipe"]["precision"] == "bfloat16"
+    assert "top candidate" in result.output
