@@ -475,8 +475,9 @@ def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None
     if not dataset.exists():  # before loading any model
         load_audit_dataset(dataset, None, cfg.recipe.max_seq_len)
     probe_root = probe_root or out / "probes"
+    per_row: list[dict[str, Any]] | None = None  # the divergence per row: soft labels only
     if teacher is None and is_text_dataset(dataset):
-        results, per_row = text_audit(cfg, dataset, out, probe_root, device), None
+        results = text_audit(cfg, dataset, out, probe_root, device)
     else:
         results, per_row = labels_audit(cfg, dataset, out, teacher, probe_root, device)
     write_outputs(cfg, results, per_row, out)
