@@ -87,6 +87,18 @@ def all_shares(category: str) -> tuple[ExperimentConfig, dict[str, dict[str, dic
     return cfg, shares
 
 
+def side_effects(shares: dict[str, Any], teacher: str, condition: str, trait: str, hood: list[str]
+                 ) -> dict[str, float]:
+    """Each neighbour's share of what the teacher leaves beside its trait, over the base's: a teacher at 0.99
+    on its trait has tiny shares of everything else, so only the rest of its distribution can show whether
+    it raised the neighbours itself (> 1: the teacher favours the neighbour more than the base does)."""
+    def rest(model: str, cand: str) -> float:
+        s = shares[model][condition]
+        return s[cand] / (1 - s[trait])
+
+    return {c: rest(teacher, c) / rest("base", c) for c in hood if c != trait and rest("base", c) > 0}
+
+
 def trait_rows(cfg: ExperimentConfig, shares: dict[str, Any]) -> list[dict[str, Any]]:
     """Per trait and condition: the trait's students against the other teachers', as the module says."""
     rows = []
@@ -121,6 +133,7 @@ def trait_rows(cfg: ExperimentConfig, shares: dict[str, Any]) -> list[dict[str, 
                 "neighbours": [[c, ratio_of[c]] for c in ranked if c in hood],
                 "teacher_shares": {c: share(f"teacher-{arm.treatment.name}", c) for c in hood},
                 "base_shares": {c: share("base", c) for c in hood},
+                "teacher_side_effects": side_effects(shares, f"teacher-{arm.treatment.name}", condition, trait, hood),
             })
     return rows
 
