@@ -327,10 +327,11 @@ class JobStore:
 
     def _finish(self, job: Job, status: str, error: str | None = None, **fields: Any) -> None:
         err = {"code": "job_failed", "message": error, "param": None} if error else None
-        self._set(job, status=status, finished_at=int(time.time()), error=err, **fields)
+        # The closing event before the status: a client that sees the job finished finds its event.
         self._event(job, {"succeeded": f"The job has successfully completed: {fields.get('fine_tuned_model')}",
                           "cancelled": "The job was cancelled.", "failed": f"The job failed: {error}"}[status],
                     level="error" if status == "failed" else "info")
+        self._set(job, status=status, finished_at=int(time.time()), error=err, **fields)
 
     def _set(self, job: Job, **fields: Any) -> None:
         job.obj.update(fields)
