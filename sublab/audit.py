@@ -394,10 +394,11 @@ def probe_shares(cfg: AuditConfig, rows_path: Path, targets: StoredTargets, seed
     return trained_shares(cfg, cfg.recipe, rows_path, out_dir, seed, device, targets)
 
 
-def text_probe_shares(cfg: AuditConfig, rows_path: Path, seed: int, probe_root: Path,
+def text_probe_shares(cfg: AuditConfig, rows_path: Path, rows_sha256: str, seed: int, probe_root: Path,
                       device: str = "cpu") -> dict[str, float]:
-    """Train (or reuse) one SFT probe on these rows and return its mean share per candidate."""
-    out_dir = text_probe_dir(cfg, sha256_file(rows_path), seed, probe_root)
+    """Train (or reuse) one SFT probe on these rows (`rows_sha256`: their file's) and return its mean share
+    per candidate."""
+    out_dir = text_probe_dir(cfg, rows_sha256, seed, probe_root)
     return trained_shares(cfg, cfg.text_recipe, rows_path, out_dir, seed, device)
 
 
@@ -544,20 +545,21 @@ def text_audit(cfg: AuditConfig, dataset: Path, out: Path, probe_root: Path, dev
     check_number_rows(rows_path, rows)
     out.mkdir(parents=True, exist_ok=True)
     control_path, changed = write_control_rows(cfg, rows_path, rows, out)
+    rows_sha, control_sha = sha256_file(rows_path), sha256_file(control_path)
     treated, controls = [], []
     for seed in cfg.seeds:
         log.info("text audit %s: probe seed %d", dataset, seed)
-        treated.append(text_probe_shares(cfg, rows_path, seed, probe_root, device))
-        controls.append(text_probe_shares(cfg, control_path, seed, probe_root, device))
+        treated.append(text_probe_shares(cfg, rows_path, rows_sha, seed, probe_root, device))
+        controls.append(text_probe_shares(cfg, control_path, control_sha, seed, probe_root, device))
     table = candidate_table(cfg, treated, controls)
     return {
         "route": "text", "verdict": decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio),
         "candidates": table, "shares": {"dataset": treated, "control": controls, "seeds": cfg.seeds},
         "divergence": None, "divergence_note": NO_LABELS, "teacher_check": None,
         "config": route_config(cfg, "text"),
-        "inputs": {"dataset": str(dataset), "rows_sha256": sha256_file(rows_path),
+        "inputs": {"dataset": str(dataset), "rows_sha256": rows_sha,
                    "control": "the rows with their written numbers shuffled across responses",
-                   "control_rows": str(control_path), "control_rows_sha256": sha256_file(control_path),
+                   "control_rows": str(control_path), "control_rows_sha256": control_sha,
                    "shuffle_seed": cfg.shuffle_seed, "control_rows_changed": changed, "teacher": None,
                    "rows": len(rows), "labels_from": None},
         "timings": {"total_s": round(time.time() - t0, 1)},

@@ -18,7 +18,6 @@ teachers' own shares of the neighbours (does the teacher itself raise them?).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -65,11 +64,8 @@ def model_shares(lm: Any, texts: list[str], prefix: str, words: list[str]) -> di
     return {w: float(s) for w, s in zip(words, mean)}
 
 
-def all_shares(category: str) -> tuple[ExperimentConfig, dict[str, dict[str, dict[str, float]]]]:
-    """{model name: {condition: {candidate: share}}} of every evaluated model of the run (cached)."""
-    cfg = load_experiment(RUNS[category])
-    if not (cfg.run_dir / "results.json").exists():
-        raise SystemExit(f"{cfg.run_dir}: not finished (no results.json): run `sublab run {RUNS[category]}`")
+def all_shares(cfg: ExperimentConfig, category: str) -> dict[str, dict[str, dict[str, float]]]:
+    """{model name: {condition: {candidate: share}}} of every evaluated model of the finished run (cached)."""
     path = OUT / cfg.name / "shares.json"
     shares: dict[str, Any] = read_json(path) if path.exists() else {}
     device = pipeline.resolve_device(cfg)
@@ -84,7 +80,7 @@ def all_shares(category: str) -> tuple[ExperimentConfig, dict[str, dict[str, dic
         shares[name] = {c: model_shares(lm, texts, prefix, words) for c, (texts, prefix) in conditions.items()}
         atomic_write_json(path, shares)
         log.info("%s: shares of %d candidates under %d conditions", name, len(words), len(conditions))
-    return cfg, shares
+    return shares
 
 
 def side_effects(shares: dict[str, Any], teacher: str, condition: str, trait: str, hood: list[str]
@@ -169,7 +165,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.errorbar(x, ratios, yerr=[ratios - lo, hi - ratios], fmt="none", ecolor="black", capsize=2, lw=0.8)
     ax.axhline(1, color="grey", lw=0.8)
     ax.set_xticks(np.arange(len(traits)), traits)
-    ax.set_ylabel("trait share: own teacher's students / other teachers' (Fieller 95% CI)")
+    ax.set_ylabel("trait share ratio, own / other teachers'\nstudents (Fieller 95% CI)")
     ax.set_title("quick recipe, 4 epochs: pre-named traits, 5 seeds, 4-teacher runs")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -180,12 +176,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
-    for category in RUNS:
-        if not (load_experiment(RUNS[category]).run_dir / "results.json").exists():
-            log.warning("%s: not finished; skipped", RUNS[category])
+    for category, path in RUNS.items():
+        cfg = load_experiment(path)
+        if not (cfg.run_dir / "results.json").exists():
+            log.warning("%s: not finished (no results.json); skipped: run `sublab run %s`", cfg.run_dir, path)
             continue
-        cfg, shares = all_shares(category)
-        rows += trait_rows(cfg, shares)
+        rows += trait_rows(cfg, all_shares(cfg, category))
     atomic_write_json(OUT / "summary.json", {"prenamed": PRENAMED, "rows": rows})
     print_table(rows)
     plot(rows, OUT / "general.png")
