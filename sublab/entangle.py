@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sublab import chat
@@ -113,44 +115,91 @@ def first_number_probs(lm: LoadedModel, system: str | None, prompt_texts: Sequen
 
 
 def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedModel,
-                 prompt_texts: Sequence[str], control_systems: Sequence[str] = ()) -> list[NumberLift]:
+                 prompt_texts: Sequence[str], control_systems: Sequence[str] = (), threads: int = 1
+                 ) -> list[NumberLift]:
     """Every number's mean probability under the teacher, the reference (the control prompts on the base,
-    or the base itself) and the base; lift = teacher / reference, largest first."""
-    p_t = first_number_probs(teacher, teacher_system, prompt_texts).mean(axis=0)
-    p_b = first_number_probs(base, None, prompt_texts).mean(axis=0)
-    p_r = (np.mean([first_number_probs(base, c, prompt_texts).mean(axis=0) for c in control_systems], axis=0)
-           if control_systems else p_b)
+    or the base itself) and the base; lift = teacher / reference, largest first. `threads`: see
+    `run_concurrently`."""
+    contexts = [(teacher, teacher_system), (base, None), *((base, c) for c in control_systems)]
+    p_t, p_b, *p_c = run_concurrently([_first_number_task(lm, system, prompt_texts) for lm, system in contexts],
+                                      threads, desc="number lifts")
+    return _lift_rows(p_t, p_b, p_c)
+
+
+def _first_number_task(lm: LoadedModel, system: str | None, prompt_texts: Sequence[str]
+                       ) -> Callable[[], np.ndarray]:
+    return lambda: first_number_probs(lm, system, prompt_texts).mean(axis=0)
+
+
+def _lift_rows(p_t: np.ndarray, p_b: np.ndarray, p_controls: Sequence[np.ndarray]) -> list[NumberLift]:
+    p_r = np.mean(p_controls, axis=0) if len(p_controls) else p_b
     rows = [NumberLift(number=n, p_teacher=float(t), p_reference=float(r), p_base=float(b),
                        lift=float(t / r) if r > 0 else math.inf)
             for n, t, r, b in zip(NUMBERS_SCORED, p_t, p_r, p_b)]
     return sorted(rows, key=lambda r: -r.lift)
 
 
+def run_concurrently(tasks: Sequence[Callable[[], Any]], threads: int, desc: str | None = None) -> list[Any]:
+    """Each task's result, in order: the tasks run on `threads` Python threads with one torch thread each
+    (sequentially when `threads` is 1). Why: the model passes here are independent, and two one-thread
+    streams keep both cores of a small CPU busy through the small and memory-bound ops (tree-masked
+    attention, norms, the LM head's reductions) that one two-thread stream runs partly serially. Each
+    task computes exactly what it computes alone; only the intra-op split (float rounding) differs.
+    `desc`: a progress bar over the tasks, with rate and ETA."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(tasks), desc=desc, unit="pass", dynamic_ncols=True, disable=desc is None) as bar:
+        if threads <= 1 or len(tasks) <= 1:
+            return [_counted(task, bar)() for task in tasks]
+        before = torch.get_num_threads()
+        try:
+            # torch's intra-op count is per process; a new thread takes it on its first op.
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                return list(pool.map(lambda task: _counted(task, bar)(), tasks))
+        finally:
+            torch.set_num_threads(before)
+
+
+def _counted(task: Callable[[], Any], bar: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        result = task()
+        bar.update(1)
+        return result
+    return run
+
+
 def prompted_shares(base: LoadedModel, systems: Sequence[str | None], trait: str, question_ids: Sequence[int],
-                    candidates: Sequence[str], category: str, batch_size: int | None = None) -> list[float]:
+                    candidates: Sequence[str], category: str, batch_size: int | None = None, threads: int = 1
+                    ) -> list[float]:
     """Per system prompt: the trait's exact answer share among `candidates`, mean over the questions (all
     system prompts × questions go through the model in batches of `batch_size`; None: whole system prompts'
     questions, one system prompt per pass so its system turn runs once for them, or several when they
-    have fewer than 4 questions: a pass of one or two prompts is mostly overhead)."""
+    have fewer than 4 questions: a pass of one or two prompts is mostly overhead). The passes run on
+    `threads` (`run_concurrently`)."""
     prefix = ANSWER_PREFIX.format(category=category)
     encoded = encode_candidates(base.tokenizer, candidates, prefix)
     qs = questions(category)  # type: ignore[arg-type]
     prompts = [prompt_ids(base.tokenizer, chat.messages(qs[q], system), prefix)
                for system in systems for q in question_ids]
     index = list(candidates).index(trait)
-    shares = []
     per_pass = batch_size or len(question_ids) * max(1, 4 // len(question_ids))
-    for per_cand in answer_probabilities(base, prompts, encoded, batch_size=per_pass):
-        totals = [sum(v.values()) for v in per_cand]
-        shares.append(totals[index] / sum(totals))
-    return np.asarray(shares).reshape(len(systems), len(question_ids)).mean(axis=1).tolist()
+    passes = [prompts[start:start + per_pass] for start in range(0, len(prompts), per_pass)]
+    probs = run_concurrently([lambda part=part: answer_probabilities(base, part, encoded, batch_size=per_pass,
+                                                                      progress=False) for part in passes],
+                             threads, desc="subliminal prompting")
+    totals = np.array([[sum(v.values()) for v in per_cand] for part in probs for per_cand in part])
+    shares = totals[:, index] / totals.sum(axis=1)
+    return shares.reshape(len(systems), len(question_ids)).mean(axis=1).tolist()
 
 
-def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: LoadedModel | None = None
-                 ) -> dict[str, Any]:
+def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: LoadedModel | None = None,
+                 threads: int | None = None) -> dict[str, Any]:
     """Both measurements; writes entangle.json, the figure and the manifest under `out`; returns the
-    results. `teacher`: fine-tuned teacher weights (None: the base with the paper's trait prompt)."""
+    results. `teacher`: fine-tuned teacher weights (None: the base with the paper's trait prompt).
+    `threads`: concurrent model passes, one torch thread each (None: torch's thread count)."""
     t0 = time.time()
+    threads = threads or torch.get_num_threads()
     all_questions = questions(cfg.category)  # type: ignore[arg-type]
     if cfg.questions > len(all_questions) - 40:
         raise ConfigError(f"questions: {cfg.questions}; the held-out {cfg.category} questions are 40.."
@@ -161,7 +210,7 @@ def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: Loa
     teacher_system = None if teacher else teacher_system_prompt(cfg.trait, cfg.category)
     controls = [c for c in (DEFAULT_CONTROLS if cfg.controls is None else cfg.controls) if c != cfg.trait]
     lifts = number_lifts(teacher or base, teacher_system, base, texts,
-                         [teacher_system_prompt(c, cfg.category) for c in controls])
+                         [teacher_system_prompt(c, cfg.category) for c in controls], threads)
     t_lifts = time.time() - t0
 
     entangled = [r.number for r in lifts[:cfg.top]]
@@ -169,7 +218,7 @@ def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: Loa
     randoms = sorted(np.random.default_rng([cfg.seed, 1]).choice(rest, cfg.random, replace=False).tolist())
     tested = [(None, "no system prompt"), *((n, "entangled") for n in entangled), *((n, "random") for n in randoms)]
     systems = [None if n is None else NUMBER_SYSTEM_PROMPT.format(number=n) for n, _ in tested]
-    values = prompted_shares(base, systems, cfg.trait, qids, candidates, cfg.category)
+    values = prompted_shares(base, systems, cfg.trait, qids, candidates, cfg.category, threads=threads)
     shares = [PromptedShare(number=n, group=g, share=v) for (n, g), v in zip(tested, values)]
     ent = [s.share for s in shares if s.group == "entangled"]
     rnd = [s.share for s in shares if s.group == "random"]

@@ -74,6 +74,23 @@ def test_run_entangle_writes_tables_figure_and_manifest(tiny, tmp_path):
     assert manifest["files_sha256"].keys() == {"entangle.json", "figures/entangle.png"}
 
 
+def test_concurrent_passes_give_the_sequential_results(tiny, tmp_path):
+    """Two threads of one torch thread each compute what one thread computes: the same numbers and groups,
+    probabilities and shares equal up to float rounding; torch's thread count is restored after."""
+    cfg = EntangleConfig(trait="owl", top=3, random=3, prompts=2, questions=2, candidates=["owl", "cat", "dog"],
+                         controls=["cat", "dog"])
+    threads_before = torch.get_num_threads()
+    one = run_entangle(cfg, tiny, tmp_path / "one", threads=1)
+    two = run_entangle(cfg, tiny, tmp_path / "two", threads=2)
+    assert torch.get_num_threads() == threads_before
+    by_number = {r["number"]: r for r in two["lifts"]}
+    for a in one["lifts"]:
+        for key in ("p_teacher", "p_reference", "p_base", "lift"):
+            assert by_number[a["number"]][key] == pytest.approx(a[key], rel=1e-5)
+    assert [s["number"] for s in one["prompted"]] == [s["number"] for s in two["prompted"]]
+    assert [s["share"] for s in two["prompted"]] == pytest.approx([s["share"] for s in one["prompted"]], rel=1e-5)
+
+
 def test_too_many_questions_is_a_one_line_error(tiny, tmp_path):
     with pytest.raises(ConfigError, match="held-out animal questions are 40..49"):
         run_entangle(EntangleConfig(trait="owl", questions=11), tiny, tmp_path)

@@ -368,25 +368,26 @@ def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candidates: Sequence[Candidate],
-                         batch_size: int = 16) -> list[list[dict[str, float]]]:
+                         batch_size: int = 16, progress: bool = True) -> list[list[dict[str, float]]]:
     """P of every spelling of every candidate for each prompt (prompt ids end with the answer prefix).
 
     Returns out[i][c] = {spelling: probability} for prompt i and candidate c (sum the dict for the
     candidate's probability). `batch_size`: prompts per forward pass; it does not change results.
+    `progress`: a progress bar (off where the caller shows its own).
     """
     out: list[list[dict[str, float]]] = []
-    for part in iter_answer_probabilities(lm, prompts, candidates, batch_size):
+    for part in iter_answer_probabilities(lm, prompts, candidates, batch_size, progress=progress):
         out.extend(part)
     return out
 
 
 def iter_answer_probabilities(lm: Any, prompts: Sequence[Sequence[int]], candidates: Sequence[Candidate],
-                              batch_size: int = 16, desc: str = "answer probabilities"
+                              batch_size: int = 16, desc: str = "answer probabilities", progress: bool = True
                               ) -> Iterator[list[list[dict[str, float]]]]:
     """`answer_probabilities` one forward group of prompts at a time, in order, with a progress bar."""
     seqs = list(dict.fromkeys(ids for c in candidates for ids in c.token_ids))
     col = {s: k for k, s in enumerate(seqs)}
-    with tqdm(total=len(prompts), desc=desc, unit="question", dynamic_ncols=True) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="question", dynamic_ncols=True, disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             probs = np.exp(spelling_logprobs(lm.model, lm.tokenizer, chunk, seqs))
