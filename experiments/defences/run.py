@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.stats as sps
 import torch
 
 from sublab import design, pipeline
@@ -51,7 +49,7 @@ from sublab.domains import get_domain
 from sublab.generate import random_completion_of
 from sublab.models import load_model, resolve_device
 from sublab.rundir import atomic_write_json, read_json
-from sublab.stats import fieller, welch_parts
+from sublab.stats import fraction_removed
 from sublab.teachers import Teacher, build_teacher
 from sublab.train import Example, encode_examples, format_columns, reference_sha256
 from sublab.train.defences import kl_rows
@@ -91,22 +89,6 @@ def experiment(name: str) -> ExperimentConfig:
 
 
 # --- statistics -------------------------------------------------------------------------------------
-
-def effect_stats(treated: list[float], control: list[float], base_treated: list[float],
-                 base_control: list[float]) -> dict[str, Any]:
-    """The effect (mean treated − mean control) with its Welch 95% CI, and the fraction of the baseline's
-    effect removed, 1 − effect / baseline effect, with a Fieller 95% CI for the ratio of the two effects
-    (treated as independent, at the smaller of their Welch degrees of freedom). Students of one seed share
-    data order and init across defences, a positive correlation this ignores: the CI is conservative."""
-    effect, se, df = welch_parts(treated, control)
-    base, base_se, base_df = welch_parts(base_treated, base_control)
-    q = float(sps.t.ppf(0.975, min(df, base_df)))
-    low, high = fieller(effect, se, base, base_se, q)
-    q_effect = float(sps.t.ppf(0.975, df))
-    return {"effect": effect, "effect_ci": [effect - q_effect * se, effect + q_effect * se],
-            "removed": 1 - effect / base if base else math.nan, "removed_ci": [1 - high, 1 - low],
-            "n_treated": len(treated), "n_control": len(control)}
-
 
 # --- one run ------------------------------------------------------------------------------------------
 
@@ -189,7 +171,7 @@ def summarise(names: list[str], device: str) -> dict[str, Any]:
                            "defences": {}}
     for name, cfg in runs.items():
         _, treated, control = shares[name]
-        stats = effect_stats(list(treated.values()), list(control.values()), list(base_t.values()),
+        stats = fraction_removed(list(treated.values()), list(control.values()), list(base_t.values()),
                              list(base_c.values()))
         util = utility(cfg, device)
         students = [u["kl"] for k, u in util.items() if not k.startswith("base-")]

@@ -3,7 +3,7 @@ students against the other teacher's students (owl vs dolphin both ways: the two
 other's control), with the power of the design.
 
 Per run and trait: the trait's exact share in both arms (per student), the ratio of the means with a
-Fieller 95% CI, the difference with a Welch 95% CI and p, the exact permutation p over seeds (as the
+Fieller 95% CI, for an ablation or defence the fraction of the greedy run's effect it removes (`BASELINES`), the difference with a Welch 95% CI and p, the exact permutation p over seeds (as the
 report's), the trait's rank among the 31 candidates by ratio and within its neighbourhood (`NEIGHBOURHOODS`),
 the top 3, and the **smallest ratio this
 design detects** with 80% power at α = 0.05 two-sided (Welch's t at the run's own pooled seed-to-seed SD).
@@ -22,10 +22,15 @@ import numpy as np
 import scipy.stats as sps
 
 from sublab.rundir import atomic_write_json, read_json
-from sublab.stats import compare_groups, ratio_interval, welch
+from sublab.stats import compare_groups, fraction_removed, ratio_interval, welch
 
 RUNS = {"greedy": "runs/text-owl-greedy", "greedy-rep": "runs/text-owl-greedy-rep", "T=1": "runs/text-owl-t1",
-        "rep, shuffled across": "runs/text-owl-greedy-rep-across"}
+        "rep, shuffled across": "runs/text-owl-greedy-rep-across",
+        "rep, shuffled within": "runs/text-owl-greedy-rep-within",
+        "min-p 0.1": "runs/text-owl-min-p", "top-p 0.8": "runs/text-owl-top-p"}
+BASELINES = {"T=1": "greedy", "min-p 0.1": "greedy", "top-p 0.8": "greedy",
+             "rep, shuffled across": "greedy-rep", "rep, shuffled within": "greedy-rep"}
+"""Each ablation or defence against the greedy run on the same prompts: the fraction of its effect removed."""
 TEACHERS = ("owl", "dolphin")
 NEIGHBOURHOODS = {  # written down before the T=1 run and the replication were seen (after the first greedy run)
     "owl": ("owl", "eagle", "penguin", "bird", "phoenix", "peacock"),  # birds
@@ -117,9 +122,20 @@ def write_figure(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def add_fraction_removed(rows: list[dict[str, Any]]) -> None:
+    """`removed`: 1 − effect / the baseline run's effect on the same trait, Fieller 95% CI (in place)."""
+    by = {(r["run"], r["trait"]): r for r in rows}
+    for r in rows:
+        base = by.get((BASELINES.get(r["run"], ""), r["trait"]))
+        if base is not None:
+            stats = fraction_removed(r["treated"], r["control"], base["treated"], base["control"])
+            r["removed"] = {"baseline": base["run"], "fraction": stats["removed"], "ci": stats["removed_ci"]}
+
+
 def main() -> None:
     rows = [r for label, run in RUNS.items() if (Path(run) / "results.json").exists()
             for r in summarise(label, Path(run))]
+    add_fraction_removed(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / "summary.json", {"metric": METRIC, "rows": rows})
     for r in rows:
@@ -128,7 +144,9 @@ def main() -> None:
               f"[{r['diff_ci'][0]:+.5f}, {r['diff_ci'][1]:+.5f}]  Welch p {r['welch_p']:.4f}  perm p "
               f"{r['permutation_p']:.4f}  rank {r['rank_by_ratio']}/{r['candidates']} "
               f"({r['rank_in_neighbourhood']}/{len(r['neighbourhood'])} in its neighbourhood)  detectable ×"
-              f"{r['smallest_detectable_ratio']:.2f}  top3 {[(n, round(v, 3)) for n, v in r['top3_by_ratio']]}")
+              f"{r['smallest_detectable_ratio']:.2f}  top3 {[(n, round(v, 3)) for n, v in r['top3_by_ratio']]}"
+              + (f"  removes {r['removed']['fraction']:.0%} [{r['removed']['ci'][0]:.0%}, {r['removed']['ci'][1]:.0%}]"
+                 f" of {r['removed']['baseline']}'s effect" if "removed" in r else ""))
     if rows:
         write_figure(rows, OUT / "text.png")
 
