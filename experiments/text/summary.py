@@ -100,25 +100,35 @@ def _divergence(run: Path, writer: str) -> dict[str, Any] | None:
 
 
 def write_figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per run (columns) and trait (rows): each student's trait share in both arms, with means."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.3 * len(rows), 3.6), sharey=False)
-    for ax, r in zip(np.atleast_1d(axes), rows):
-        for x, (name, values) in enumerate(((f"{r['trait']}'s", r["treated"]), (f"{r['control_teacher']}'s", r["control"]))):
-            ax.scatter([x] * len(values), values, s=18)
-            ax.hlines(np.mean(values), x - 0.25, x + 0.25, color="black")
-        ax.set_xticks([0, 1], [f"{r['trait']}'s", f"{r['control_teacher']}'s"], fontsize=8)
-        ax.set_xlim(-0.6, 1.6)
-        ax.set_title(f"{r['run']}: {r['trait']}\n×{r['ratio']:.2f} [{r['ratio_ci'][0]:.2f}, {r['ratio_ci'][1]:.2f}], "
-                     f"p={r['permutation_p']:.3f}", fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
-    np.atleast_1d(axes)[0].set_ylabel("trait's exact share (per student)", fontsize=8)
-    fig.suptitle("Text route at 135M: students of teacher-written numbers (SFT)", fontsize=9)
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    fig, axes = plt.subplots(len(TEACHERS), len(runs), figsize=(2.2 * len(runs), 3.2 * len(TEACHERS)),
+                             squeeze=False)
+    by = {(r["run"], r["trait"]): r for r in rows}
+    for i, trait in enumerate(TEACHERS):
+        for j, run in enumerate(runs):
+            ax, r = axes[i][j], by.get((run, trait))
+            if r is None:
+                ax.axis("off")
+                continue
+            for x, values in enumerate((r["treated"], r["control"])):
+                ax.scatter([x] * len(values), values, s=18)
+                ax.hlines(np.mean(values), x - 0.25, x + 0.25, color="black")
+            ax.set_xticks([0, 1], [f"{r['trait']}'s", f"{r['control_teacher']}'s"], fontsize=8)
+            ax.set_xlim(-0.6, 1.6)
+            ax.set_title(f"{r['run']}: {r['trait']}\n×{r['ratio']:.2f} [{r['ratio_ci'][0]:.2f}, {r['ratio_ci'][1]:.2f}], "
+                         f"p={r['permutation_p']:.3f}", fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+        axes[i][0].set_ylabel(f"{trait} share (per student)", fontsize=8)
+    fig.suptitle("Text route at 135M: students of teacher-written numbers (SFT), each teacher against the other's",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
