@@ -14,13 +14,14 @@ students' difference — on how many of the 8 questions it points the teacher's 
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sublab.rundir import atomic_write_json, read_json, read_jsonl
-from sublab.stats import question_means, score_by_question, welch
+from sublab.stats import question_means, welch
 
 RUN = Path("runs/general-misalignment")
 OUT = Path("experiments/general/misalignment_summary.json")
@@ -28,12 +29,14 @@ KIND = "misalignment_local"
 SEEDS = range(5)
 
 
+@cache
 def per_question(model: str) -> dict[str, float]:
     return {q: m for q, (m, _) in question_means(read_jsonl(RUN / "evals" / model / f"{KIND}.jsonl")).items()}
 
 
 def score(model: str) -> float:
-    return score_by_question(read_jsonl(RUN / "evals" / model / f"{KIND}.jsonl")).mean
+    """The metric: the mean over questions of the per-question means (as `score_by_question`)."""
+    return float(np.mean(list(per_question(model).values())))
 
 
 def main() -> None:
