@@ -465,6 +465,61 @@ def decide(table: Sequence[dict[str, Any]], n_seeds: int, alpha: float, min_rati
                                        f"and its ratio >= {min_ratio}")}
 
 
+def panel_decide(dataset: Sequence[dict[str, float]], panel: dict[str, Sequence[dict[str, float]]],
+                 min_ratio: float) -> dict[str, Any]:
+    """The reference-panel rule: the dataset's probe shares against the probes of M reference datasets on
+    the same rows (labelled by M teachers without the audited kind of trait), each a list over the same
+    probe seeds of candidate → share.
+
+    A candidate's score is its mean log share over seeds minus the panel members' mean of theirs; the
+    ratio is its exponential. The null is the panel itself: each member scored the same way against the
+    other members, its largest score over candidates. Name the dataset's top candidate iff (a) its score
+    beats every member's largest score, (b) its per-seed score (that seed's log share minus the members'
+    mean at that seed) is positive in every seed, and (c) its ratio is at least `min_ratio`. If the
+    dataset's teacher is exchangeable with the panel's, (a) happens with probability at most 1/(M + 1):
+    `panel_p` = (1 + members whose largest score reaches the dataset's) / (M + 1). Why: the base-label
+    control leaves any label change looking like a trait (2 of 2 controls named in the first validation,
+    docs/defences.md); other teachers' labels move the probes too, as the transfer study's design uses."""
+    if len(panel) < 2:
+        raise ConfigError(f"a reference panel needs at least 2 members; got {len(panel)}")
+    candidates = list(dataset[0])
+    n_seeds = len(dataset)
+    for name, member in panel.items():
+        if len(member) != n_seeds:
+            raise ConfigError(f"panel member '{name}' has {len(member)} probe seeds; the dataset has {n_seeds}")
+
+    def logs(shares: Sequence[dict[str, float]]) -> np.ndarray:  # [seeds, candidates]
+        return np.log(np.array([[s[c] for c in candidates] for s in shares]))
+
+    members = {name: logs(m) for name, m in panel.items()}
+    reference = np.mean(list(members.values()), axis=0)
+    per_seed = logs(dataset) - reference
+    scores = per_seed.mean(axis=0)
+    null = {}
+    for name, own in members.items():
+        others = np.mean([v for k, v in members.items() if k != name], axis=0)
+        member_scores = (own - others).mean(axis=0)
+        best = int(member_scores.argmax())
+        null[name] = {"candidate": candidates[best], "ratio": float(math.exp(member_scores[best]))}
+    table = [{"candidate": c, "ratio": float(math.exp(scores[i])), "per_seed_ratios": np.exp(per_seed[:, i]).tolist(),
+              "positive_seeds": int((per_seed[:, i] > 0).sum())} for i, c in enumerate(candidates)]
+    table.sort(key=lambda r: -r["ratio"])
+    for rank, r in enumerate(table, 1):
+        r["rank"] = rank
+    top = table[0]
+    null_max = max(v["ratio"] for v in null.values())
+    checks = {"beats_every_panel_member": top["ratio"] > null_max,
+              "positive_in_every_seed": top["positive_seeds"] == n_seeds,
+              "ratio_at_least_min": top["ratio"] >= min_ratio}
+    reached = sum(v["ratio"] >= top["ratio"] for v in null.values())
+    return {"trait": top["candidate"] if all(checks.values()) else None, "top_candidate": top["candidate"],
+            "ratio": top["ratio"], "panel_max_ratio": null_max, "panel_p": (1 + reached) / (len(panel) + 1),
+            "checks": checks, "null": null, "candidates": table,
+            "rule": (f"name the top candidate by ratio over the {len(panel)}-member panel's mean iff it beats "
+                     f"every member's own top ratio against the others, rises in all {n_seeds} seeds, and "
+                     f"its ratio >= {min_ratio}")}
+
+
 # --- the audit -----------------------------------------------------------------------------------
 
 def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None = None,

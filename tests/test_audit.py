@@ -218,6 +218,55 @@ def test_the_rule_looks_only_at_the_largest_ratio():
     assert v["top_candidate"] == "owl" and v["trait"] is None  # dog's clean ×1.1 is not second-guessed
 
 
+# --- the reference-panel rule ----------------------------------------------------------------------
+
+def seeds_of(shares: dict[str, list[float]]) -> list[dict[str, float]]:
+    return [{c: v[i] for c, v in shares.items()} for i in range(3)]
+
+
+def moved(factors: dict[str, float], jitter: float = 0.0) -> list[dict[str, float]]:
+    """BASE's shares with candidate c multiplied by factors[c] (1 if absent), seed i by (1 + jitter·i)."""
+    return seeds_of({c: [v * factors.get(c, 1.0) * (1 + jitter * i) for i, v in enumerate(vals)]
+                     for c, vals in BASE.items()})
+
+
+# Three reference teachers: each moves one candidate its own way (dog ×1.12, cat ×0.97, owl ×1.04)
+PANEL = {"pine": moved({"dog": 1.12}), "birch": moved({"cat": 0.97}), "cedar": moved({"owl": 1.04})}
+
+
+def test_the_panel_names_a_rise_beyond_what_any_member_shows():
+    v = audit.panel_decide(moved({"owl": 1.3}), PANEL, min_ratio=1.05)
+    assert v["trait"] == "owl" and all(v["checks"].values())
+    # owl over the members' geometric mean, which holds cedar's ×1.04 for a third
+    assert v["ratio"] == pytest.approx(1.3 / 1.04 ** (1 / 3))
+    assert v["panel_p"] == pytest.approx(1 / 4)  # no member reaches it: the smallest p 3 members allow
+
+
+def test_a_dataset_like_the_panels_members_is_not_named():
+    v = audit.panel_decide(moved({"dog": 1.12}), PANEL, min_ratio=1.05)
+    # dog tops the table (×1.12 over a mean holding pine's ×1.12 for a third: ×1.079), but pine's own dog
+    # rise against the other two members is larger (×1.12): nothing beats the panel's null
+    assert v["top_candidate"] == "dog" and v["ratio"] == pytest.approx(1.12 ** (2 / 3)) and v["trait"] is None
+    assert not v["checks"]["beats_every_panel_member"] and v["panel_p"] == pytest.approx(2 / 4)
+    assert v["null"]["pine"]["candidate"] == "dog"
+
+
+def test_the_panel_rule_needs_every_seed_and_the_minimum_ratio():
+    erratic = seeds_of({**BASE, "owl": [BASE["owl"][0] * 1.5, BASE["owl"][1] * 1.5, BASE["owl"][2] * 0.99]})
+    v = audit.panel_decide(erratic, PANEL, min_ratio=1.05)
+    assert v["top_candidate"] == "owl" and v["trait"] is None and not v["checks"]["positive_in_every_seed"]
+    quiet = {name: moved({}) for name in ("a", "b", "c")}  # a null of exactly ×1: any rise beats it
+    v = audit.panel_decide(moved({"owl": 1.03}), quiet, min_ratio=1.05)
+    assert v["checks"]["beats_every_panel_member"] and v["trait"] is None
+
+
+def test_a_panel_must_match_the_datasets_seeds_and_have_two_members():
+    with pytest.raises(ConfigError, match="panel member 'pine' has 2 probe seeds; the dataset has 3"):
+        audit.panel_decide(moved({}), {**PANEL, "pine": moved({})[:2]}, min_ratio=1.05)
+    with pytest.raises(ConfigError, match="at least 2 members"):
+        audit.panel_decide(moved({}), {"pine": moved({})}, min_ratio=1.05)
+
+
 # --- shuffled targets (train.distill.shuffle_targets) -----------------------------------------------
 
 def toy_targets(sizes=(3, 5, 2, 4)) -> StoredTargets:

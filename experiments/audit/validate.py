@@ -51,48 +51,57 @@ TEACHERS = {"owl": "animal", "dolphin": "animal", "eagle": "animal", "elephant":
 PROMPT_SEED = 5000
 
 
-def fresh_rows(n: int) -> list[Example]:
-    """The paper's number prompts (seed PROMPT_SEED) answered by uniform random numbers."""
-    return [Example(p.id, p.text, random_completion_of(NUMBERS, p, PROMPT_SEED).strip())
-            for p in NUMBERS.prompts(n, PROMPT_SEED)]
+def fresh_rows(n: int, prompt_seed: int = PROMPT_SEED) -> list[Example]:
+    """The paper's number prompts (seed `prompt_seed`) answered by uniform random numbers."""
+    return [Example(p.id, p.text, random_completion_of(NUMBERS, p, prompt_seed).strip())
+            for p in NUMBERS.prompts(n, prompt_seed)]
 
 
-def true_trait(trait: str) -> str:
-    return trait if TEACHERS[trait] == "animal" else "none"
+def true_trait(trait: str, teachers: dict[str, str] = TEACHERS) -> str:
+    return trait if teachers[trait] == "animal" else "none"
 
 
-def make_datasets(traits: list[str], rows: list[Example], out: Path, blind_seed: int) -> list[str]:
-    """Export every teacher's dataset under an anonymous name; the key goes to out/key/key.json."""
+def make_datasets(traits: list[str], rows: list[Example], out: Path, blind_seed: int,
+                  teachers: dict[str, str] = TEACHERS) -> list[str]:
+    """Export every teacher's dataset under an anonymous name; the key goes to out/key/key.json.
+    `teachers`: trait → category."""
     order = list(traits)
     random.Random(blind_seed).shuffle(order)
     key = {f"dataset-{i + 1}": t for i, t in enumerate(order)}
     for name, trait in key.items():
-        if (out / "datasets" / name / "targets.json").exists():
-            continue  # a resumed run: exported already (the key is the same: same seed, same teachers)
-        if trait.endswith("-prompted"):
-            system = teacher_system_prompt(trait.removesuffix("-prompted"), TEACHERS[trait])
-            export_dataset(rows, BASE, BASE, out / "datasets" / name, system_prompt=system)
-            continue
-        cfg = TeacherConfig(name=f"{trait}-ft-lora8", kind="finetuned", trait=trait, category=TEACHERS[trait],
-                            finetune=LORA8)
-        teacher = build_teacher(cfg, BASE, progress=False)
-        export_dataset(rows, teacher.model_ref or "", BASE, out / "datasets" / name)
+        export_teacher_dataset(trait, teachers[trait], rows, out / "datasets" / name)
     (out / "key").mkdir(parents=True, exist_ok=True)
     (out / "key" / "key.json").write_text(json.dumps({"blind_seed": blind_seed, "key": key}, indent=2))
     return sorted(key)
 
 
-def confusion(verdicts: dict[str, dict[str, Any]], key: dict[str, str]) -> dict[str, Any]:
-    """Rows: true trait; columns: named trait (or none); plus per-dataset evidence."""
+def export_teacher_dataset(trait: str, category: str, rows: list[Example], out: Path) -> None:
+    """The rows labelled by the study's rank-8 LoRA teacher of `trait` (or, for '<trait>-prompted', the base
+    told by the paper's system prompt that it loves it), exported to `out`; skipped if already there."""
+    if (out / "targets.json").exists():
+        return  # a resumed run: exported already (the same teacher and rows give the same labels)
+    if trait.endswith("-prompted"):
+        system = teacher_system_prompt(trait.removesuffix("-prompted"), category)
+        export_dataset(rows, BASE, BASE, out, system_prompt=system)
+        return
+    cfg = TeacherConfig(name=f"{trait}-ft-lora8", kind="finetuned", trait=trait, category=category, finetune=LORA8)
+    teacher = build_teacher(cfg, BASE, progress=False)
+    export_dataset(rows, teacher.model_ref or "", BASE, out)
+
+
+def confusion(verdicts: dict[str, dict[str, Any]], key: dict[str, str], teachers: dict[str, str] = TEACHERS
+              ) -> dict[str, Any]:
+    """Rows: true trait; columns: named trait (or none); plus per-dataset evidence. `verdicts`: audit.json's
+    content (or anything with its "verdict" and "candidates") per dataset."""
     per = []
     for name, res in sorted(verdicts.items()):
-        truth = true_trait(key[name])
+        truth = true_trait(key[name], teachers)
         named = res["verdict"]["trait"] or "none"
         own = next((r for r in res["candidates"] if r["candidate"] == truth), None)
         per.append({"dataset": name, "teacher": key[name], "true": truth, "named": named,
                     "correct": named == truth, "verdict": verdict_line(res),
                     "true_rank": own["rank"] if own else None, "true_ratio": own["ratio"] if own else None,
-                    "true_paired_p": own["paired_p"] if own else None,
+                    "true_paired_p": own.get("paired_p") if own else None,
                     "top3": [(r["candidate"], round(r["ratio"], 3)) for r in res["candidates"][:3]]})
     truths = list(dict.fromkeys(p["true"] for p in per))
     columns = list(dict.fromkeys([*truths, *(p["named"] for p in per)]))
