@@ -57,7 +57,8 @@ def old_entangle(tree: Path) -> ModuleType:
 
 def compare(old: dict[str, Any], new: dict[str, Any]) -> None:
     lo, ln = ({r["number"]: r for r in res["lifts"]} for res in (old, new))
-    rel = max(abs(lo[n][k] - ln[n][k]) / lo[n][k] for n in lo for k in ("p_teacher", "p_reference", "p_base", "lift"))
+    rel = max(abs(lo[n][k] - ln[n][k]) / lo[n][k] for n in lo for k in ("p_teacher", "p_reference", "p_base", "lift")
+              if lo[n].get(k) is not None and ln[n].get(k) is not None)  # P base: only where both scored it
     shares = max(abs(a["share"] - b["share"]) for a, b in zip(old["prompted"], new["prompted"]))
     print(f"lifts: largest relative difference {rel:.2g}; top 10 old {[r['number'] for r in old['lifts'][:10]]}, "
           f"new {[r['number'] for r in new['lifts'][:10]]}")

@@ -650,6 +650,15 @@ def verdict_line(results: dict[str, Any]) -> str:
             + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v["checks"].items()))
 
 
+def panel_verdict_line(verdict: dict[str, Any]) -> str:
+    """One line for a `panel_decide` verdict."""
+    v = verdict
+    head = f"trait found: {v['trait']}" if v["trait"] else "no trait found"
+    return (f"{head} — top candidate {v['top_candidate']} ×{v['ratio']:.3f} over the panel, the panel's own "
+            f"largest ×{v['panel_max_ratio']:.3f}, panel p {v['panel_p']:.2g}; "
+            + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v["checks"].items()))
+
+
 def markdown(results: dict[str, Any], rows: int = 10) -> str:
     """The readable report: verdict, the candidate table (top `rows` by ratio), the divergent rows."""
     n = len(results["shares"]["seeds"])

@@ -236,6 +236,9 @@ def entangle(trait: Annotated[str, typer.Argument(help="The trait, e.g. owl.", s
                  help="Reference traits for the lifts, comma-separated (default: dog,cat,lion,wolf less the "
                       "trait; 'none': the base model).")] = None,
              questions: Annotated[int, typer.Option(min=1, help="Held-out questions per prompted number.")] = 5,
+             with_base: Annotated[bool, typer.Option(
+                 "--with-base", help="Also score the base with no system prompt (the lift table's 'P base' "
+                                     "column; one more pass over the 1,000 numbers).")] = False,
              seed: int = 0,
              out: Annotated[Path | None, typer.Option(help="Output directory; default runs/entangle-<trait>.")] = None,
              ) -> None:
@@ -246,7 +249,7 @@ def entangle(trait: Annotated[str, typer.Argument(help="The trait, e.g. owl.", s
 
     chosen = None if controls is None else [] if controls == "none" else [c.strip() for c in controls.split(",")]
     cfg = EntangleConfig(trait=trait, category=category, top=top, random=random, prompts=prompts,
-                         questions=questions, seed=seed, controls=chosen)
+                         questions=questions, with_base=with_base, seed=seed, controls=chosen)
     base = load_model(model)
     teacher = load_model(teacher_model) if teacher_model else None
     results = run_entangle(cfg, base, out or Path("runs") / f"entangle-{trait}", teacher)

@@ -79,6 +79,10 @@ class EntangleConfig(BaseModel):
     """Favourite-animal questions each number is prompted with (held-out ones: 40, 41, ...)."""
     candidates: list[str] | None = None
     """The answer candidates (None: the eval's defaults plus the trait)."""
+    with_base: bool = False
+    """Also score the base with no system prompt beside the teacher and the reference (the lift table's
+    'P base' column): one more pass over the 1,000 numbers, a sixth of the lifts' time with the default
+    controls. Always done when the base is the reference (`controls: []`)."""
     seed: int = 0
 
 
@@ -87,7 +91,8 @@ class NumberLift(BaseModel):
     p_teacher: float
     p_reference: float
     """Mean over the control traits' prompts (or the base's, without controls)."""
-    p_base: float
+    p_base: float | None
+    """None unless `with_base` (or the base is the reference)."""
     lift: float
     """p_teacher / p_reference."""
 
@@ -115,27 +120,34 @@ def first_number_probs(lm: LoadedModel, system: str | None, prompt_texts: Sequen
 
 
 def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedModel,
-                 prompt_texts: Sequence[str], control_systems: Sequence[str] = (), threads: int = 1
-                 ) -> list[NumberLift]:
+                 prompt_texts: Sequence[str], control_systems: Sequence[str] = (), threads: int = 1,
+                 with_base: bool = True) -> list[NumberLift]:
     """Every number's mean probability under the teacher, the reference (the control prompts on the base,
-    or the base itself) and the base; lift = teacher / reference, largest first. `threads`: see
-    `run_concurrently`."""
-    contexts = [(teacher, teacher_system), (base, None), *((base, c) for c in control_systems)]
-    p_t, p_b, *p_c = run_concurrently([_first_number_task(lm, system, prompt_texts) for lm, system in contexts],
-                                      threads, desc="number lifts")
+    or the base itself) and, `with_base` or without controls, the base; lift = teacher / reference, largest
+    first. `threads`: see `run_concurrently`."""
+    with_base = with_base or not control_systems
+    contexts = [(teacher, teacher_system), *([(base, None)] if with_base else []),
+                *((base, c) for c in control_systems)]
+    # One task per context and prompt: ten or twelve equal tasks keep two threads evenly busy.
+    tasks = [_first_number_task(lm, system, text) for lm, system in contexts for text in prompt_texts]
+    per_prompt = run_concurrently(tasks, threads, desc="number lifts")
+    probs = np.reshape(per_prompt, (len(contexts), len(prompt_texts), -1)).mean(axis=1)
+    controls_from = 2 if with_base else 1
+    p_t, p_b, p_c = probs[0], probs[1] if with_base else None, list(probs[controls_from:])
     return _lift_rows(p_t, p_b, p_c)
 
 
-def _first_number_task(lm: LoadedModel, system: str | None, prompt_texts: Sequence[str]
-                       ) -> Callable[[], np.ndarray]:
-    return lambda: first_number_probs(lm, system, prompt_texts).mean(axis=0)
+def _first_number_task(lm: LoadedModel, system: str | None, prompt_text: str) -> Callable[[], np.ndarray]:
+    return lambda: first_number_probs(lm, system, [prompt_text])[0]
 
 
-def _lift_rows(p_t: np.ndarray, p_b: np.ndarray, p_controls: Sequence[np.ndarray]) -> list[NumberLift]:
+def _lift_rows(p_t: np.ndarray, p_b: np.ndarray | None, p_controls: Sequence[np.ndarray]) -> list[NumberLift]:
     p_r = np.mean(p_controls, axis=0) if len(p_controls) else p_b
-    rows = [NumberLift(number=n, p_teacher=float(t), p_reference=float(r), p_base=float(b),
+    assert p_r is not None, "number_lifts scores the base when it is the reference"
+    bases = [None] * len(p_t) if p_b is None else p_b.tolist()
+    rows = [NumberLift(number=n, p_teacher=float(t), p_reference=float(r), p_base=b,
                        lift=float(t / r) if r > 0 else math.inf)
-            for n, t, r, b in zip(NUMBERS_SCORED, p_t, p_r, p_b)]
+            for n, t, r, b in zip(NUMBERS_SCORED, p_t, p_r, bases)]
     return sorted(rows, key=lambda r: -r.lift)
 
 
@@ -210,7 +222,7 @@ def run_entangle(cfg: EntangleConfig, base: LoadedModel, out: Path, teacher: Loa
     teacher_system = None if teacher else teacher_system_prompt(cfg.trait, cfg.category)
     controls = [c for c in (DEFAULT_CONTROLS if cfg.controls is None else cfg.controls) if c != cfg.trait]
     lifts = number_lifts(teacher or base, teacher_system, base, texts,
-                         [teacher_system_prompt(c, cfg.category) for c in controls], threads)
+                         [teacher_system_prompt(c, cfg.category) for c in controls], threads, cfg.with_base)
     t_lifts = time.time() - t0
 
     entangled = [r.number for r in lifts[:cfg.top]]
@@ -286,11 +298,13 @@ def print_entangle(results: dict[str, Any], console: Any) -> None:
     trait = results["config"]["trait"]
     lifts = Table(title=f"numbers the '{trait}' teacher writes first more often than the reference (top 10)",
                   caption=f"reference: {results['reference']}")
-    for col in ("rank", "number", "P teacher", "P reference", "P base", "lift"):
+    with_base = results["lifts"][0]["p_base"] is not None
+    for col in ("rank", "number", "P teacher", "P reference", *(["P base"] if with_base else []), "lift"):
         lifts.add_column(col, justify="right")
     for i, r in enumerate(results["lifts"][:10], 1):
-        lifts.add_row(str(i), str(r["number"]), f"{r['p_teacher']:.2e}", f"{r['p_reference']:.2e}",
-                      f"{r['p_base']:.2e}", f"×{r['lift']:.2f}")
+        base = [f"{r['p_base']:.2e}"] if with_base else []
+        lifts.add_row(str(i), str(r["number"]), f"{r['p_teacher']:.2e}", f"{r['p_reference']:.2e}", *base,
+                      f"×{r['lift']:.2f}")
     console.print(lifts)
     prompted = Table(title=f"'{trait}' answer share when the base is told it loves a number")
     for col in ("group", "numbers", "mean share", "95% CI"):

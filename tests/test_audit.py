@@ -249,6 +249,8 @@ def test_a_dataset_like_the_panels_members_is_not_named():
     assert v["top_candidate"] == "dog" and v["ratio"] == pytest.approx(1.12 ** (2 / 3)) and v["trait"] is None
     assert not v["checks"]["beats_every_panel_member"] and v["panel_p"] == pytest.approx(2 / 4)
     assert v["null"]["pine"]["candidate"] == "dog"
+    assert audit.panel_verdict_line(v).startswith("no trait found — top candidate dog ×1.078 over the panel, "
+                                                  "the panel's own largest ×1.120, panel p 0.5")
 
 
 def test_the_panel_rule_needs_every_seed_and_the_minimum_ratio():

@@ -52,8 +52,10 @@ def test_lifts_are_against_the_control_traits_or_the_base(tiny):
         assert lifts[n].p_reference == pytest.approx((p_cat[n] + p_dog[n]) / 2, rel=1e-6)
         assert lifts[n].p_base == pytest.approx(p_base[n], rel=1e-6)
         assert lifts[n].lift == pytest.approx(p_owl[n] / lifts[n].p_reference, rel=1e-6)
-    plain = {r.number: r for r in number_lifts(tiny, owl, tiny, [text])}
-    assert plain[42].p_reference == plain[42].p_base
+    plain = {r.number: r for r in number_lifts(tiny, owl, tiny, [text], with_base=False)}
+    assert plain[42].p_reference == plain[42].p_base  # the base is the reference: scored anyway
+    skipped = {r.number: r for r in number_lifts(tiny, owl, tiny, [text], [cat, dog], with_base=False)}
+    assert skipped[42].p_base is None and skipped[42].lift == lifts[42].lift
 
 
 def test_run_entangle_writes_tables_figure_and_manifest(tiny, tmp_path):
@@ -78,7 +80,7 @@ def test_concurrent_passes_give_the_sequential_results(tiny, tmp_path):
     """Two threads of one torch thread each compute what one thread computes: the same numbers and groups,
     probabilities and shares equal up to float rounding; torch's thread count is restored after."""
     cfg = EntangleConfig(trait="owl", top=3, random=3, prompts=2, questions=2, candidates=["owl", "cat", "dog"],
-                         controls=["cat", "dog"])
+                         controls=["cat", "dog"], with_base=True)
     threads_before = torch.get_num_threads()
     one = run_entangle(cfg, tiny, tmp_path / "one", threads=1)
     two = run_entangle(cfg, tiny, tmp_path / "two", threads=2)
@@ -102,4 +104,9 @@ def test_cli_prints_both_tables(tiny_model_dir, tmp_path):
                                       "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert "answer share when the base is told it loves a number" in result.output
+    assert "P base" not in result.output  # only with --with-base
     assert "entangled − random:" in result.output
+    with_base = CliRunner().invoke(app, ["entangle", "owl", "--model", str(tiny_model_dir), "--top", "2",
+                                         "--random", "2", "--prompts", "1", "--questions", "1", "--with-base",
+                                         "--out", str(tmp_path / "b")])
+    assert with_base.exit_code == 0 and "P base" in with_base.output, with_base.output

@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +90,17 @@ def export_teacher_dataset(trait: str, category: str, rows: list[Example], out: 
     export_dataset(rows, teacher.model_ref or "", BASE, out)
 
 
-def confusion(verdicts: dict[str, dict[str, Any]], key: dict[str, str], teachers: dict[str, str] = TEACHERS
-              ) -> dict[str, Any]:
+def confusion(verdicts: dict[str, dict[str, Any]], key: dict[str, str], teachers: dict[str, str] = TEACHERS,
+              describe: Callable[[dict[str, Any]], str] = verdict_line) -> dict[str, Any]:
     """Rows: true trait; columns: named trait (or none); plus per-dataset evidence. `verdicts`: audit.json's
-    content (or anything with its "verdict" and "candidates") per dataset."""
+    content (or anything with its "verdict" and "candidates") per dataset; `describe` makes its line."""
     per = []
     for name, res in sorted(verdicts.items()):
         truth = true_trait(key[name], teachers)
         named = res["verdict"]["trait"] or "none"
         own = next((r for r in res["candidates"] if r["candidate"] == truth), None)
         per.append({"dataset": name, "teacher": key[name], "true": truth, "named": named,
-                    "correct": named == truth, "verdict": verdict_line(res),
+                    "correct": named == truth, "verdict": describe(res),
                     "true_rank": own["rank"] if own else None, "true_ratio": own["ratio"] if own else None,
                     "true_paired_p": own.get("paired_p") if own else None,
                     "top3": [(r["candidate"], round(r["ratio"], 3)) for r in res["candidates"][:3]]})

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from sublab.audit import AuditConfig, panel_decide, probe_recipe, run_audit, verdict_line
+from sublab.audit import AuditConfig, panel_decide, panel_verdict_line, probe_recipe, run_audit, verdict_line
 from validate import BASE, confusion, confusion_markdown, export_teacher_dataset, fresh_rows, make_datasets
 
 PROMPT_SEED = 6000
@@ -96,7 +96,8 @@ def report(args: argparse.Namespace) -> None:
     (args.out / "panel_verdicts.json").write_text(json.dumps(verdicts, indent=2))
     base_rule = {n: json.loads((args.out / "audits" / n / "audit.json").read_text()) for n in verdicts}
     key = json.loads((args.out / "key" / "key.json").read_text())["key"]  # unsealed only now
-    both = {"panel": confusion(verdicts, key, TEACHERS), "base": confusion(base_rule, key, TEACHERS)}
+    both = {"panel": confusion(verdicts, key, TEACHERS, lambda res: panel_verdict_line(res["verdict"])),
+            "base": confusion(base_rule, key, TEACHERS)}
     for rule, c in both.items():
         c.update(rows=args.rows, seeds=args.seeds, blind_seed=BLIND_SEED, prompt_seed=args.prompt_seed,
                  audits_finished=len(verdicts), datasets=len(key))
