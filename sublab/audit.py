@@ -650,9 +650,8 @@ def verdict_line(results: dict[str, Any]) -> str:
             + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v["checks"].items()))
 
 
-def panel_verdict_line(verdict: dict[str, Any]) -> str:
+def panel_verdict_line(v: dict[str, Any]) -> str:
     """One line for a `panel_decide` verdict."""
-    v = verdict
     head = f"trait found: {v['trait']}" if v["trait"] else "no trait found"
     return (f"{head} — top candidate {v['top_candidate']} ×{v['ratio']:.3f} over the panel, the panel's own "
             f"largest ×{v['panel_max_ratio']:.3f}, panel p {v['panel_p']:.2g}; "

@@ -128,7 +128,8 @@ def number_lifts(teacher: LoadedModel, teacher_system: str | None, base: LoadedM
     with_base = with_base or not control_systems
     contexts = [(teacher, teacher_system), *([(base, None)] if with_base else []),
                 *((base, c) for c in control_systems)]
-    # One task per context and prompt: ten or twelve equal tasks keep two threads evenly busy.
+    # One task per context and prompt: the defaults' 5 contexts × 2 prompts are 10 equal tasks, which keep
+    # two threads evenly busy where 5 per-context tasks would not.
     tasks = [_first_number_task(lm, system, text) for lm, system in contexts for text in prompt_texts]
     per_prompt = run_concurrently(tasks, threads, desc="number lifts")
     probs = np.reshape(per_prompt, (len(contexts), len(prompt_texts), -1)).mean(axis=1)
