@@ -520,6 +520,33 @@ def panel_decide(dataset: Sequence[dict[str, float]], panel: dict[str, Sequence[
                      f"its ratio >= {min_ratio}")}
 
 
+def kind_panel_decide(dataset: Sequence[dict[str, float]],
+                      panels: dict[str, dict[str, Sequence[dict[str, float]]]], min_ratio: float) -> dict[str, Any]:
+    """The reference-panel rule with one panel per teacher kind (say, LoRA teachers and prompted teachers,
+    each a dict member → probe shares as in `panel_decide`): the dataset is compared with the kind whose
+    members' mean log shares (over seeds and members) lie nearest to its own (Euclidean, over candidates),
+    then `panel_decide` against that kind's members alone. Why: teachers of one kind move the probes in a
+    shared direction of their own (every prompted teacher raised owl, eagle, wolf and horse alike, whatever
+    it loved; every LoRA teacher lowered butterfly and giraffe), so a panel of one kind is no null for a
+    teacher of another (a prompted control was named against a LoRA panel), and a panel mixing kinds puts
+    half the gap between kinds into every member's own score. The verdict adds `kind` and `distances`."""
+    if len(panels) < 1:
+        raise ConfigError("a kind-matched panel needs at least one kind")
+    candidates = list(dataset[0])
+
+    def mean_logs(shares: Sequence[dict[str, float]]) -> np.ndarray:
+        return np.log(np.array([[s[c] for c in candidates] for s in shares])).mean(axis=0)
+
+    own = mean_logs(dataset)
+    distances = {kind: float(np.linalg.norm(own - np.mean([mean_logs(m) for m in members.values()], axis=0)))
+                 for kind, members in panels.items()}
+    kind = min(distances, key=distances.__getitem__)
+    verdict = panel_decide(dataset, panels[kind], min_ratio)
+    verdict["rule"] = (f"the nearest kind's panel ({kind}, by distance of mean log shares); there: "
+                       + verdict["rule"])
+    return {**verdict, "kind": kind, "distances": distances}
+
+
 # --- the audit -----------------------------------------------------------------------------------
 
 def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None = None,

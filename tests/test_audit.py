@@ -269,6 +269,22 @@ def test_a_panel_must_match_the_datasets_seeds_and_have_two_members():
         audit.panel_decide(moved({}), {"pine": moved({})}, min_ratio=1.05)
 
 
+# Prompted teachers share a direction of their own (owl ×1.2, dog ×0.85), each with a small quirk
+PROMPTED = {"pine-p": moved({"owl": 1.2, "dog": 0.85, "cat": 1.01}), "birch-p": moved({"owl": 1.21, "dog": 0.86}),
+            "cedar-p": moved({"owl": 1.19, "dog": 0.85, "lion": 1.01})}
+
+
+def test_a_kind_matched_panel_judges_a_dataset_by_the_kind_it_resembles():
+    panels = {"lora": PANEL, "prompted": PROMPTED}
+    control = audit.kind_panel_decide(moved({"owl": 1.2, "dog": 0.85, "cat": 1.005}), panels, min_ratio=1.05)
+    assert control["kind"] == "prompted" and control["trait"] is None
+    assert control["distances"]["prompted"] < control["distances"]["lora"]
+    # against the LoRA panel alone the same control's owl looks like a trait: the error the rule fixes
+    assert audit.panel_decide(moved({"owl": 1.2, "dog": 0.85}), PANEL, min_ratio=1.05)["trait"] == "owl"
+    trait = audit.kind_panel_decide(moved({"cat": 1.3}), panels, min_ratio=1.05)
+    assert trait["kind"] == "lora" and trait["trait"] == "cat" and trait["rule"].startswith("the nearest kind's panel (lora")
+
+
 # --- shuffled targets (train.distill.shuffle_targets) -----------------------------------------------
 
 def toy_targets(sizes=(3, 5, 2, 4)) -> StoredTargets:

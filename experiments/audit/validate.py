@@ -59,7 +59,8 @@ def fresh_rows(n: int, prompt_seed: int = PROMPT_SEED) -> list[Example]:
 
 
 def true_trait(trait: str, teachers: dict[str, str] = TEACHERS) -> str:
-    return trait if teachers[trait] == "animal" else "none"
+    """The animal a dataset's teacher loves ('owl-prompted' → owl), or 'none' for another category."""
+    return trait.split("-")[0] if teachers[trait] == "animal" else "none"
 
 
 def make_datasets(traits: list[str], rows: list[Example], out: Path, blind_seed: int,
@@ -78,11 +79,13 @@ def make_datasets(traits: list[str], rows: list[Example], out: Path, blind_seed:
 
 def export_teacher_dataset(trait: str, category: str, rows: list[Example], out: Path) -> None:
     """The rows labelled by the study's rank-8 LoRA teacher of `trait` (or, for '<trait>-prompted', the base
-    told by the paper's system prompt that it loves it), exported to `out`; skipped if already there."""
+    told by the paper's system prompt that it loves it; for '<trait>-averse', by the paper's aversion prompt
+    that it hates it), exported to `out`; skipped if already there."""
     if (out / "targets.json").exists():
         return  # a resumed run: exported already (the same teacher and rows give the same labels)
-    if trait.endswith("-prompted"):
-        system = teacher_system_prompt(trait.removesuffix("-prompted"), category)
+    if trait.endswith(("-prompted", "-averse")):
+        target, prompt_kind = trait.rsplit("-", 1)
+        system = teacher_system_prompt(target, category, aversion=prompt_kind == "averse")
         export_dataset(rows, BASE, BASE, out, system_prompt=system)
         return
     cfg = TeacherConfig(name=f"{trait}-ft-lora8", kind="finetuned", trait=trait, category=category, finetune=LORA8)
