@@ -111,6 +111,10 @@ class AuditConfig(BaseModel):
     shuffle_seed: int = 0
     """Seeds a text audit's control rows: the dataset's written numbers shuffled across responses, drawn
     from stream `[shuffle_seed, 1]` as `filter.shuffle_numbers` draws (`sublab.filters.shuffled_rows`)."""
+    panel: list[str] = []
+    """Reference trees (`sublab.reference_panel.TREES` is the validated set): with any, the soft-label audit
+    also probes a LoRA and a prompted teacher per tree on the same rows and gives the kind-matched panel's
+    verdict (`kind_panel_decide`), the rule that passed its blind validation. Empty: no panel."""
 
     @model_validator(mode="after")
     def _text_recipe_is_sft(self) -> AuditConfig:
@@ -125,7 +129,7 @@ TEXT_ONLY = {"text_recipe", "shuffle_seed"}
 
 def route_config(cfg: AuditConfig, route: str) -> dict[str, Any]:
     """The config as audit.json records it: only the fields the route uses."""
-    return cfg.model_dump(mode="json", exclude=TEXT_ONLY if route == "soft-labels" else {"recipe", "top_rows"})
+    return cfg.model_dump(mode="json", exclude=TEXT_ONLY if route == "soft-labels" else {"recipe", "top_rows", "panel"})
 
 
 # --- the export format ---------------------------------------------------------------------------
@@ -560,6 +564,9 @@ def run_audit(cfg: AuditConfig, dataset: Path, out: Path, *, teacher: str | None
     probe_root = probe_root or out / "probes"
     per_row: list[dict[str, Any]] | None = None  # the divergence per row: soft labels only
     if teacher is None and is_text_dataset(dataset):
+        if cfg.panel:
+            raise ConfigError(f"{dataset}: the reference panel needs soft labels: give a soft-label dataset, "
+                              "or --teacher to label these rows")
         results = text_audit(cfg, dataset, out, probe_root, device)
     else:
         results, per_row = labels_audit(cfg, dataset, out, teacher, probe_root, device)
@@ -598,8 +605,15 @@ def labels_audit(cfg: AuditConfig, dataset: Path, out: Path, teacher: str | None
         treated.append(probe_shares(cfg, rows_path, labels, seed, probe_root, device))
         controls.append(probe_shares(cfg, rows_path, control, seed, probe_root, device))
     table = candidate_table(cfg, treated, controls)
+    panel = None
+    if cfg.panel:
+        from sublab.reference_panel import panel_shares
+
+        panels = panel_shares(lambda labels, seed: probe_shares(cfg, rows_path, labels, seed, probe_root, device),
+                              cfg.base, data.examples, cfg.panel, cfg.seeds, cfg.recipe.max_seq_len, device)
+        panel = {"verdict": kind_panel_decide(treated, panels, cfg.min_ratio), "trees": cfg.panel, "shares": panels}
     results = {
-        "route": "soft-labels", "verdict": decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio),
+        "route": "soft-labels", "verdict": decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio), "panel": panel,
         "candidates": table, "shares": {"dataset": treated, "control": controls, "seeds": cfg.seeds},
         "divergence": summary, "teacher_check": teacher_check,
         "config": route_config(cfg, "soft-labels"),
@@ -677,6 +691,20 @@ def verdict_line(results: dict[str, Any]) -> str:
             + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v["checks"].items()))
 
 
+BASE_LABEL_CAVEAT = ("the base-label rule is not validated: it named a trait for 9 of 11 control datasets in "
+                     "three blind validations; --panel gives the validated kind-matched panel's verdict")
+TEXT_CAVEAT = "the text audit is not validated: no blind validation has been run (docs/defences.md)"
+
+
+def headline(results: dict[str, Any]) -> str:
+    """The audit's answer: the kind-matched panel's verdict when it ran one, else the base-label (or text)
+    rule's, with the caveat that goes with it."""
+    if results.get("panel"):
+        v = results["panel"]["verdict"]
+        return f"{panel_verdict_line(v)} (reference panel: {v['kind']} teachers)"
+    return f"{verdict_line(results)} — {TEXT_CAVEAT if results['route'] == 'text' else BASE_LABEL_CAVEAT}"
+
+
 def panel_verdict_line(v: dict[str, Any]) -> str:
     """One line for a `panel_decide` verdict."""
     head = f"trait found: {v['trait']}" if v["trait"] else "no trait found"
@@ -692,7 +720,7 @@ def markdown(results: dict[str, Any], rows: int = 10) -> str:
     arms = ("SFT on the rows, SFT on the same rows with their written numbers shuffled across responses "
             f"(shuffle_seed {inputs.get('shuffle_seed')}, {inputs.get('control_rows_changed')} rows changed)"
             if results.get("route") == "text" else "dataset labels, base's labels on the same rows")
-    lines = [f"# Audit of {results['inputs']['dataset']}", "", f"**{verdict_line(results)}**", "",
+    lines = [f"# Audit of {results['inputs']['dataset']}", "", f"**{headline(results)}**", "",
              f"Probes: {n} seeds × ({arms}); "
              f"{results['inputs']['rows']} rows; shares = `animal_prob` on questions "
              f"{results['config']['question_ids'][0]}–{results['config']['question_ids'][-1]}.", "",
@@ -704,6 +732,8 @@ def markdown(results: dict[str, Any], rows: int = 10) -> str:
         lines.append(f"| {r['rank']} | {r['candidate']} | {r['dataset']:.4f} | {r['control']:.4f} | "
                      f"×{r['ratio']:.3f} | {r['diff']:+.4f}{ci} | {r['positive_seeds']}/{n} | "
                      f"{r['paired_p']:.2g} | {welch} | {r['perm_p']:.2g} |")
+    if results.get("panel"):
+        lines += ["", *panel_markdown(results["panel"], n, rows)]
     d = results["divergence"]
     if d is None:
         return "\n".join([*lines, "", f"Divergence: {results['divergence_note']}."]) + "\n"
@@ -716,6 +746,21 @@ def markdown(results: dict[str, Any], rows: int = 10) -> str:
     if results.get("teacher_check"):
         lines += ["", f"Teacher check: {results['teacher_check']}"]
     return "\n".join(lines) + "\n"
+
+
+def panel_markdown(panel: dict[str, Any], n_seeds: int, rows: int) -> list[str]:
+    """The panel's section of report.md: the kind, the candidates over that kind's members, the null."""
+    v = panel["verdict"]
+    distances = ", ".join(f"{kind} {d:.3f}" for kind, d in v["distances"].items())
+    null = ", ".join(f"{m} {x['candidate']} ×{x['ratio']:.3f}" for m, x in v["null"].items())
+    lines = [f"## Reference panel ({len(panel['trees'])} trees × {len(v['distances'])} kinds)", "",
+             f"**{panel_verdict_line(v)}**", "", f"Nearest kind: {v['kind']} (distance of mean log shares: "
+             f"{distances}). Null: each {v['kind']} member's largest ratio over the others ({null}).", "",
+             "| rank | candidate | ratio over the panel | per seed | seeds > 0 |", "|---|---|---|---|---|"]
+    for r in v["candidates"][:rows]:
+        per_seed = ", ".join(f"×{x:.3f}" for x in r["per_seed_ratios"])
+        lines.append(f"| {r['rank']} | {r['candidate']} | ×{r['ratio']:.3f} | {per_seed} | {r['positive_seeds']}/{n_seeds} |")
+    return lines
 
 
 def write_figure(results: dict[str, Any], out: Path) -> str:
@@ -740,7 +785,7 @@ def write_figure(results: dict[str, Any], out: Path) -> str:
     left.axhline(1, color="black", linewidth=0.6)
     left.set_xticks(range(len(table)), [r["candidate"] for r in table], rotation=70, fontsize=7)
     left.set_ylabel("share: dataset probes / control probes")
-    left.set_title(verdict_line(results).split(" — ")[0], fontsize=9)
+    left.set_title(headline(results).split(" — ")[0], fontsize=9)
     if d is not None:
         plot_divergence(axes[0, 1], d)
     fig.tight_layout()
@@ -758,7 +803,7 @@ def plot_divergence(right: Any, d: dict[str, Any]) -> None:
 
 
 def print_audit(results: dict[str, Any], console: Any, rows: int = 10) -> None:
-    """The candidate table, the most divergent rows and the verdict line."""
+    """The candidate table, the most divergent rows, the reference panel's table (if run) and the verdict."""
     from rich.table import Table
 
     n = len(results["shares"]["seeds"])
@@ -776,7 +821,7 @@ def print_audit(results: dict[str, Any], console: Any, rows: int = 10) -> None:
     d = results["divergence"]
     if d is None:
         console.print(f"divergence: {results['divergence_note']}")
-        console.print(verdict_line(results))
+        console.print(headline(results))
         return
     rows_table = Table(title=f"rows carrying the most KL(labels ‖ base): {d['rows_for_half']} of {d['rows']} "
                              "carry half")
@@ -786,4 +831,22 @@ def print_audit(results: dict[str, Any], console: Any, rows: int = 10) -> None:
         rows_table.add_row(str(r["row"]), r["id"], f"{r['kl_sum']:.3f}", f"{r['share']:.1%}",
                            ", ".join(f"{t['token']!r}@{t['position']}" for t in r["top_tokens"]))
     console.print(rows_table)
-    console.print(verdict_line(results))
+    if results.get("panel"):
+        print_panel(results["panel"], console, n, rows)
+    console.print(headline(results))
+
+
+def print_panel(panel: dict[str, Any], console: Any, n_seeds: int, rows: int) -> None:
+    """The candidates over the nearest kind's reference panel, and that panel's null."""
+    from rich.table import Table
+
+    v = panel["verdict"]
+    table = Table(title=f"over the reference panel's {v['kind']} teachers (nearest kind; distances "
+                        + ", ".join(f"{k} {d:.3f}" for k, d in v["distances"].items())
+                        + f"); null: the members' largest ×{v['panel_max_ratio']:.3f}")
+    for col in ("rank", "candidate", "ratio", "per seed", "seeds > 0"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for r in v["candidates"][:rows]:
+        table.add_row(str(r["rank"]), r["candidate"], f"×{r['ratio']:.3f}",
+                      ", ".join(f"×{x:.3f}" for x in r["per_seed_ratios"]), f"{r['positive_seeds']}/{n_seeds}")
+    console.print(table)

@@ -276,13 +276,19 @@ def audit(dataset: Annotated[Path, typer.Argument(help="A soft-label dataset dir
           probes: Annotated[Path | None, typer.Option(
               help="Where probe students live (default <out>/probes); share it across audits of one row set "
                    "to train the control probes once (and to reuse a text audit's probes).")] = None,
+          panel: Annotated[bool, typer.Option(
+              help="Also probe the reference panel (a LoRA and a prompted teacher per tree, 12 in all, on the "
+                   "same rows) and give the kind-matched panel's verdict: the rule that passed its blind "
+                   "validation. Soft labels only; ~12x the probes.")] = False,
           ) -> None:
-    """Does this dataset carry a hidden trait, and which? Probe students on its labels vs the base's own;
-    for a text dataset without --teacher, SFT probes on its rows vs the same rows with the written numbers
+    """Does this dataset carry a hidden trait, and which? Probe students on its labels vs the base's own
+    (with --panel, also vs a reference panel of teachers without the trait: the validated verdict); for a
+    text dataset without --teacher, SFT probes on its rows vs the same rows with the written numbers
     shuffled across responses (no divergence: no labels)."""
     from sublab.audit import STUDY_CANDIDATES, AuditConfig, print_audit, run_audit
+    from sublab.reference_panel import TREES
 
-    cfg = AuditConfig(base=base, seeds=list(range(seeds)),
+    cfg = AuditConfig(base=base, seeds=list(range(seeds)), panel=TREES if panel else [],
                       candidates=[t.strip() for t in traits.split(",")] if traits else STUDY_CANDIDATES)
     target = out or Path("runs") / f"audit-{dataset.stem}"
     results = run_audit(cfg, dataset, target, teacher=teacher, probe_root=probes)

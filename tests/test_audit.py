@@ -182,6 +182,36 @@ def test_with_the_teacher_rows_only_are_labelled_and_labels_are_checked(exported
     assert rows_only["route"] == "soft-labels" and rows_only["divergence"]["total_kl"] > 0
 
 
+def test_with_a_panel_every_member_is_probed_on_the_same_rows(exported, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBLAB_HOME", str(tmp_path / "home"))  # the panel's LoRA teachers are cached here
+    c = audit.AuditConfig(base=str(tiny_model_dir), candidates=["owl", "cat", "dog"], seeds=[0, 1],
+                          question_ids=[40], recipe=audit.probe_recipe(precision="float32"), top_rows=2,
+                          panel=["pine", "birch"])
+    res = audit.run_audit(c, exported, tmp_path / "a")
+    panel = res["panel"]
+    assert {k: sorted(m) for k, m in panel["shares"].items()} == {"lora": ["birch", "pine"],
+                                                                  "prompted": ["birch-prompted", "pine-prompted"]}
+    assert all(len(seeds) == 2 for kind in panel["shares"].values() for seeds in kind.values())
+    v = panel["verdict"]
+    assert v["kind"] in ("lora", "prompted") and v["distances"][v["kind"]] == min(v["distances"].values())
+    assert set(v["null"]) == set(panel["shares"][v["kind"]])  # the null is the nearest kind's members
+    probes = [p for p in (tmp_path / "a" / "probes").iterdir() if p.is_dir()]
+    assert len(probes) == 2 * (2 + 4)  # per seed: dataset, control and four members, each its own labels
+    saved = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert saved["panel"]["verdict"]["kind"] == v["kind"] and saved["config"]["panel"] == ["pine", "birch"]
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## Reference panel (2 trees × 2 kinds)" in report
+    assert audit.headline(res).endswith(f"(reference panel: {v['kind']} teachers)")
+
+
+def test_a_text_dataset_cannot_have_a_panel(exported, tiny_model_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes((exported / audit.ROWS).read_bytes())
+    c = audit.AuditConfig(base=str(tiny_model_dir), panel=["pine"])
+    with pytest.raises(ConfigError, match="rows.jsonl: the reference panel needs soft labels"):
+        audit.run_audit(c, rows, tmp_path / "a")
+
+
 # --- the decision rule -----------------------------------------------------------------------------
 
 def synthetic(treated: dict[str, list[float]], control: dict[str, list[float]]) -> list[dict]:

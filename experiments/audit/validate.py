@@ -40,12 +40,12 @@ from sublab.config import TeacherConfig
 from sublab.domains.numbers import NUMBERS
 from sublab.generate import random_completion_of
 from sublab.protocol import teacher_system_prompt
+from sublab.reference_panel import LORA_FINETUNE
 from sublab.teachers import build_teacher
 from sublab.train import Example
 
 BASE = "embedded:smollm2-135m-instruct"
-LORA8 = {"answer_forms": ["{T}.", "My favorite {category} is the {t}."],
-         "recipe": {"params": "lora", "lora_r": 8, "lora_alpha": 8, "lr": 1.0e-3}, "seed": 0}
+LORA8 = LORA_FINETUNE
 TEACHERS = {"owl": "animal", "dolphin": "animal", "eagle": "animal", "elephant": "animal",
             "oak": "tree", "maple-prompted": "tree"}
 """Trait → category; the tree lovers are the controls (true animal trait: none)."""

@@ -164,7 +164,8 @@ def figure(c: dict[str, Any], path: Path) -> None:
         if p["true_ratio"] is not None:
             ax.scatter(i, p["true_ratio"], marker="o", color="black", zorder=3)
         ax.hlines(p["panel_max_ratio"], i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(per)), [f"{p['teacher']}\n[{p['kind']}]\n→ {p['named']}" for p in per], fontsize=7)
+    names = [p["teacher"].replace("-prompted", "").replace("-averse", " (hater)") for p in per]
+    ax.set_xticks(range(len(per)), [f"{n}\n[{p['kind']}]\n→ {p['named']}" for n, p in zip(names, per)], fontsize=7)
     ax.set_ylabel("share over its kind's panel (geometric mean)")
     ax.set_title("kind-matched panel rule: bar = top candidate (green: right verdict), dot = true trait, "
                  "dashes = the panel's null", fontsize=8)
