@@ -122,6 +122,15 @@ class AuditConfig(BaseModel):
             raise ValueError("`text_recipe.loss` must be 'sft': a text dataset has no labels to distil")
         return self
 
+    @model_validator(mode="after")
+    def _panel_is_a_null(self) -> AuditConfig:
+        if len(self.panel) == 1:
+            raise ValueError("`panel` needs at least 2 trees: each kind's null is its members against each other")
+        if hidden := sorted(set(self.panel) & set(self.candidates)):
+            raise ValueError(f"`panel` trees cannot be candidates ({', '.join(hidden)}): the panel's own "
+                             "teachers love them, so it would hide them")
+        return self
+
 
 TEXT_ONLY = {"text_recipe", "shuffle_seed"}
 """Fields only a text audit uses: left out of a soft-label audit's recorded config, which stays as it was."""

@@ -285,11 +285,17 @@ def audit(dataset: Annotated[Path, typer.Argument(help="A soft-label dataset dir
     (with --panel, also vs a reference panel of teachers without the trait: the validated verdict); for a
     text dataset without --teacher, SFT probes on its rows vs the same rows with the written numbers
     shuffled across responses (no divergence: no labels)."""
+    from pydantic import ValidationError
+
     from sublab.audit import STUDY_CANDIDATES, AuditConfig, print_audit, run_audit
+    from sublab.config import format_validation_error
     from sublab.reference_panel import TREES
 
-    cfg = AuditConfig(base=base, seeds=list(range(seeds)), panel=TREES if panel else [],
-                      candidates=[t.strip() for t in traits.split(",")] if traits else STUDY_CANDIDATES)
+    try:
+        cfg = AuditConfig(base=base, seeds=list(range(seeds)), panel=TREES if panel else [],
+                          candidates=[t.strip() for t in traits.split(",")] if traits else STUDY_CANDIDATES)
+    except ValidationError as e:  # say, --traits naming a reference tree with --panel
+        raise SublabError(format_validation_error(e, "sublab audit")) from None
     target = out or Path("runs") / f"audit-{dataset.stem}"
     results = run_audit(cfg, dataset, target, teacher=teacher, probe_root=probes)
     print_audit(results, make_console())

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -204,10 +205,19 @@ def test_with_a_panel_every_member_is_probed_on_the_same_rows(exported, tiny_mod
     assert audit.headline(res).endswith(f"(reference panel: {v['kind']} teachers)")
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"panel": ["pine"]}, "at least 2 trees"),
+    ({"panel": ["pine", "oak"], "candidates": ["owl", "oak"]}, r"cannot be candidates \(oak\)"),
+])
+def test_a_panel_is_checked_before_anything_runs(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        audit.AuditConfig(**fields)
+
+
 def test_a_text_dataset_cannot_have_a_panel(exported, tiny_model_dir, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_bytes((exported / audit.ROWS).read_bytes())
-    c = audit.AuditConfig(base=str(tiny_model_dir), panel=["pine"])
+    c = audit.AuditConfig(base=str(tiny_model_dir), panel=["pine", "birch"])
     with pytest.raises(ConfigError, match="rows.jsonl: the reference panel needs soft labels"):
         audit.run_audit(c, rows, tmp_path / "a")
 

@@ -44,16 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sublab.audit import kind_panel_decide, panel_decide, panel_verdict_line
 from validate import confusion, confusion_markdown, export_teacher_dataset, fresh_rows, make_datasets
-from validate_panel import audit_all
+from validate_panel import figure, run_validation
 
 PROMPT_SEED = 7000
 BLIND_SEED = 36
@@ -143,60 +139,16 @@ def report(args: argparse.Namespace) -> None:
                 f"traits; controls named: {crit['controls_named'] or 'none'}; prompted traits named wrong: " \
                 f"{crit['prompted_traits_wrong'] or 'none'}).\n"
     (args.out / "confusion.md").write_text(text)
-    figure(tables["kind-matched"], args.out / "confusion.png")
+    figure(tables["kind-matched"], args.out / "confusion.png", bar_label, "share over its kind's panel (geometric mean)",
+           "kind-matched panel rule: bar = top candidate (green: right verdict), dot = true trait, "
+           "dashes = the panel's null")
     print(text)
 
 
-def figure(c: dict[str, Any], path: Path) -> None:
-    """Per dataset: the top candidate's ratio over its kind's panel, the true trait's, and that panel's null."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sublab.report import write_png
-
-    per = sorted(c["per_dataset"], key=lambda p: (p["true"] == "none", p["kind"], p["teacher"]))
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for i, p in enumerate(per):
-        top_name, top_ratio = p["top3"][0]
-        ax.bar(i, top_ratio - 1, bottom=1, color="C2" if p["correct"] else "C3", alpha=0.6)
-        ax.annotate(top_name, (i, top_ratio), ha="center", va="bottom", fontsize=7)
-        if p["true_ratio"] is not None:
-            ax.scatter(i, p["true_ratio"], marker="o", color="black", zorder=3)
-        ax.hlines(p["panel_max_ratio"], i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1)
-    names = [p["teacher"].replace("-prompted", "").replace("-averse", " (hater)") for p in per]
-    ax.set_xticks(range(len(per)), [f"{n}\n[{p['kind']}]\n→ {p['named']}" for n, p in zip(names, per)], fontsize=7)
-    ax.set_ylabel("share over its kind's panel (geometric mean)")
-    ax.set_title("kind-matched panel rule: bar = top candidate (green: right verdict), dot = true trait, "
-                 "dashes = the panel's null", fontsize=8)
-    fig.tight_layout()
-    write_png(fig, path, dpi=120)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--prompt-seed", type=int, default=PROMPT_SEED, help="Another one for a smoke run only.")
-    parser.add_argument("--out", type=Path, default=Path("runs/audit-kinds"))
-    parser.add_argument("--reverse", action="store_true",
-                        help="Audit in reverse order: a second worker beside the first (probes are locked).")
-    parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args()
-    if args.report_only:
-        report(args)
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    t0 = time.time()
-    order = build(args)  # on every core: start a --reverse worker only once this is printed
-    print(f"{len(order)} datasets ready in {time.time() - t0:.0f} s", flush=True)
-    torch.set_num_threads(args.threads)
-    audit_all(args, order)
-    print(f"all audits done in {time.time() - t0:.0f} s", flush=True)
-    if not args.reverse:
-        report(args)
+def bar_label(p: dict[str, Any]) -> str:
+    name = p["teacher"].replace("-prompted", "").replace("-averse", " (hater)")
+    return f"{name}\n[{p['kind']}]\n→ {p['named']}"
 
 
 if __name__ == "__main__":
-    main()
+    run_validation(__doc__, PROMPT_SEED, Path("runs/audit-kinds"), build, report)

@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +120,20 @@ def report(args: argparse.Namespace) -> None:
     print(text)
 
 
-def figure(c: dict[str, Any], path: Path) -> None:
-    """Per dataset: the true trait's ratio over the panel, the top candidate's, and the panel's null."""
+def figure(c: dict[str, Any], path: Path, label: Callable[[dict[str, Any]], str] | None = None,
+           ylabel: str = "share over the panel's (geometric mean)",
+           title: str = "panel rule: bar = top candidate (green: right verdict), dot = true trait, dashes = panel null"
+           ) -> None:
+    """Per dataset: the true trait's ratio over the panel, the top candidate's, and the panel's null.
+    `label(row)` names a bar (default: teacher → named)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from sublab.report import write_png
 
-    per = sorted(c["per_dataset"], key=lambda p: (p["true"] == "none", p["teacher"]))
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    per = sorted(c["per_dataset"], key=lambda p: (p["true"] == "none", p.get("kind") or "", p["teacher"]))
+    fig, ax = plt.subplots(figsize=(max(8, 0.85 * len(per)), 4))
     for i, p in enumerate(per):
         top_name, top_ratio = p["top3"][0]
         ax.bar(i, top_ratio - 1, bottom=1, color="C2" if p["correct"] else "C3", alpha=0.6)
@@ -136,21 +141,23 @@ def figure(c: dict[str, Any], path: Path) -> None:
         if p["true_ratio"] is not None:
             ax.scatter(i, p["true_ratio"], marker="o", color="black", zorder=3)
         ax.hlines(p["panel_max_ratio"], i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(per)), [f"{p['teacher']}\n→ {p['named']}" for p in per], fontsize=7)
-    ax.set_ylabel("share over the panel's (geometric mean)")
-    ax.set_title("panel rule: bar = top candidate (green: right verdict), dot = true trait, dashes = panel null",
-                 fontsize=8)
+    label = label or (lambda p: f"{p['teacher']}\n→ {p['named']}")
+    ax.set_xticks(range(len(per)), [label(p) for p in per], fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     write_png(fig, path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_validation(doc: str, prompt_seed: int, out: Path, build: Callable[[argparse.Namespace], list[str]],
+                   report: Callable[[argparse.Namespace], None]) -> None:
+    """The command line of a panel validation: build (on every core), audit (one thread per worker), report."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--prompt-seed", type=int, default=PROMPT_SEED, help="Another one for a smoke run only.")
-    parser.add_argument("--out", type=Path, default=Path("runs/audit-panel"))
+    parser.add_argument("--prompt-seed", type=int, default=prompt_seed, help="Another one for a smoke run only.")
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--reverse", action="store_true",
                         help="Audit in reverse order: a second worker beside the first (probes are locked).")
     parser.add_argument("--report-only", action="store_true")
@@ -170,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_validation(__doc__, PROMPT_SEED, Path("runs/audit-panel"), build, report)
