@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from sublab import audit, train
