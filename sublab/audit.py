@@ -21,7 +21,14 @@ with the largest ratio; name it if (a) its within-seed difference is positive in
 one-sided paired t p of those differences is below `alpha` (0.01; with 3 seeds, t > 6.96), and (c) its
 ratio is at least `min_ratio` (1.05); else "no trait found". Only the top candidate is tested, so there is
 no correction for the number of candidates: the control datasets of the validation measure the false
-positives instead. The audit only sees traits among its candidates.
+positives instead. The audit only sees traits among its candidates. This rule named a trait for 9 of 11
+control datasets in three blind validations: it is printed with that caveat.
+
+With `panel` (`sublab audit --panel`), twelve reference teachers without an animal trait label the same
+rows — a LoRA and a prompted teacher per tree (`sublab.reference_panel`) — and their probes are the null:
+`kind_panel_decide` compares the dataset with the kind it lies nearest and names its top candidate only
+if it beats what every member of that kind does against the others. That rule passed its blind validation
+(experiments/audit/validate_kinds.py: 3 of 4 LoRA traits, 0 of 6 controls) and is the audit's headline.
 
 With the labels of the dataset (or, `teacher`, recomputed from the teacher), it also scores where the
 divergence sits: KL(labels ‖ base) over the format columns at every completion position, summed per row;
