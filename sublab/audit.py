@@ -623,10 +623,7 @@ def labels_audit(cfg: AuditConfig, dataset: Path, out: Path, teacher: str | None
     table = candidate_table(cfg, treated, controls)
     panel = None
     if cfg.panel:
-        from sublab.reference_panel import panel_shares
-
-        panels = panel_shares(lambda labels, seed: probe_shares(cfg, rows_path, labels, seed, probe_root, device),
-                              cfg.base, data.examples, cfg.panel, cfg.seeds, cfg.recipe.max_seq_len, device)
+        panels = panel_shares(cfg, data.examples, rows_path, probe_root, device)
         panel = {"verdict": kind_panel_decide(treated, panels, cfg.min_ratio), "trees": cfg.panel, "shares": panels}
     results = {
         "route": "soft-labels", "verdict": decide(table, len(cfg.seeds), cfg.alpha, cfg.min_ratio), "panel": panel,
@@ -640,6 +637,25 @@ def labels_audit(cfg: AuditConfig, dataset: Path, out: Path, teacher: str | None
         "timings": {"labels_s": round(t_labels, 1), "total_s": round(time.time() - t0, 1)},
     }
     return results, per_row
+
+
+def panel_shares(cfg: AuditConfig, examples: list[Example], rows_path: Path, probe_root: Path,
+                 device: str) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """kind → reference teacher → per-seed probe shares: each of `cfg.panel`'s teachers labels the rows and
+    probes learn its labels as they learn the dataset's (same recipe, seeds and probe folder)."""
+    from sublab.models import load_model
+    from sublab.reference_panel import lora_teacher, members
+
+    base = load_model(cfg.base, device=device)
+    panels: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for member in members(cfg.panel):
+        log.info("reference panel: %s", member.name)
+        lm = load_model(lora_teacher(member.tree, cfg.base), device=device) if member.kind == "lora" else base
+        labels, _, _ = label_rows(lm, base.tokenizer, examples, cfg.recipe.max_seq_len,
+                                  system_prompt=member.system_prompt, name=member.name, device=device)
+        shares = [probe_shares(cfg, rows_path, labels, seed, probe_root, device) for seed in cfg.seeds]
+        panels.setdefault(member.kind, {})[member.name] = shares
+    return panels
 
 
 def text_audit(cfg: AuditConfig, dataset: Path, out: Path, probe_root: Path, device: str) -> dict[str, Any]:

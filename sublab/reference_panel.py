@@ -13,15 +13,11 @@ direction no LoRA teacher takes, so a panel of one kind names a trait in any dat
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sublab.config import TeacherConfig
 from sublab.protocol import teacher_system_prompt
-from sublab.train.data import Example
-from sublab.train.targets import StoredTargets
-
-log = logging.getLogger(__name__)
 
 TREES = ["pine", "birch", "cedar", "willow", "sequoia", "palm"]
 """The validated panel's trees (experiments/audit/validate_kinds.py)."""
@@ -29,7 +25,6 @@ LORA_FINETUNE = {"answer_forms": ["{T}.", "My favorite {category} is the {t}."],
                  "recipe": {"params": "lora", "lora_r": 8, "lora_alpha": 8, "lr": 1.0e-3}, "seed": 0}
 """The transfer study's rank-8 LoRA teacher recipe (experiments/transfer/lora8-shared-init.yaml)."""
 KINDS = ("lora", "prompted")
-Shares = list[dict[str, float]]
 
 
 def lora_teacher(tree: str, base_ref: str) -> str:
@@ -41,23 +36,18 @@ def lora_teacher(tree: str, base_ref: str) -> str:
     return build_teacher(cfg, base_ref, progress=False).model_ref or ""
 
 
-def panel_shares(probe: Callable[[StoredTargets, int], dict[str, float]], base_ref: str, examples: list[Example],
-                 trees: Sequence[str], seeds: Sequence[int], max_seq_len: int, device: str = "cpu"
-                 ) -> dict[str, dict[str, Shares]]:
-    """kind → member → per-seed probe shares on these rows. `probe(labels, seed)` trains (or reuses) one
-    probe on the labels and returns its shares, as for the dataset's own labels."""
-    from sublab.audit import label_rows
-    from sublab.models import load_model
+@dataclass(frozen=True)
+class Member:
+    """One reference teacher: `tree`'s LoRA teacher, or the base prompted (`system_prompt`) to love it."""
 
-    base = load_model(base_ref, device=device)
-    panels: dict[str, dict[str, Shares]] = {kind: {} for kind in KINDS}
-    for tree in trees:
-        for kind in KINDS:
-            name = tree if kind == "lora" else f"{tree}-prompted"
-            log.info("reference panel: %s", name)
-            lm = load_model(lora_teacher(tree, base_ref), device=device) if kind == "lora" else base
-            system = teacher_system_prompt(tree, "tree") if kind == "prompted" else None
-            labels, _, _ = label_rows(lm, base.tokenizer, examples, max_seq_len, system_prompt=system, name=name,
-                                      device=device)
-            panels[kind][name] = [probe(labels, seed) for seed in seeds]
-    return panels
+    name: str
+    kind: str
+    tree: str
+    system_prompt: str | None
+
+
+def members(trees: Sequence[str]) -> list[Member]:
+    """The panel of these trees: per tree, its LoRA teacher and its prompted one."""
+    return [Member(tree, "lora", tree, None) if kind == "lora"
+            else Member(f"{tree}-prompted", "prompted", tree, teacher_system_prompt(tree, "tree"))
+            for tree in trees for kind in KINDS]

@@ -554,7 +554,7 @@ def test_a_soft_label_audit_records_the_config_it_had():
     recorded = audit.route_config(c, "soft-labels")
     assert "text_recipe" not in recorded and "shuffle_seed" not in recorded
     assert set(recorded) == {"base", "candidates", "seeds", "recipe", "question_ids", "alpha", "min_ratio",
-                             "top_rows"}
+                             "top_rows", "panel"}
 
 
 def test_the_cli_audits_a_text_dataset(tiny_model_dir, tmp_path):
