@@ -4,9 +4,9 @@ labels on the audited rows are the audit's null.
 Per reference tree (default: pine, birch, cedar, willow, sequoia, palm) two teachers label the dataset's
 rows: a rank-8 LoRA fine-tune of the base that loves the tree (the transfer study's teacher recipe, built
 once and cached like any fine-tuned teacher) and the base told by the paper's system prompt that it loves
-the tree. Probes learn each member's labels exactly as they learn the dataset's (same recipe and seeds,
-shared probe folder), and `sublab.audit.kind_panel_decide` compares the dataset with the kind it lies
-nearest. Why two kinds and not one: every prompted teacher moves the probes alike whatever it loves, in a
+the tree. `sublab.audit.panel_shares` labels the rows with each member and probes its labels exactly as
+the dataset's (same recipe and seeds, shared probe folder); `sublab.audit.kind_panel_decide` compares the
+dataset with the kind it lies nearest. Why two kinds and not one: every prompted teacher moves the probes alike whatever it loves, in a
 direction no LoRA teacher takes, so a panel of one kind names a trait in any dataset of the other
 (docs/defences.md, "Third blind validation").
 """
