@@ -14,7 +14,7 @@ labels as written against the same four members (their probes exist already).
     PYTHONPATH=. setsid nohup .venv/bin/python experiments/audit/shuffle_panel.py --reverse > /work/logs/shuffle-2.log 2>&1 &
     PYTHONPATH=. .venv/bin/python experiments/audit/shuffle_panel.py      # again when both are done: the table
 
-Writes runs/audit-panel/ablations/shuffle_panel.json.
+Writes runs/audit-panel/ablations/shuffle_panel.json and docs/figures/shuffle_soft_labels.png.
 """
 
 from __future__ import annotations
@@ -64,6 +64,27 @@ def summary(verdict: dict[str, Any]) -> dict[str, Any]:
             "panel_max_ratio": verdict["panel_max_ratio"], "panel_p": verdict["panel_p"]}
 
 
+def figure(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    """Owl over the members per arm: the mean (bar), each probe seed (dots), the members' null (dashes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sublab.report import write_png
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, (name, r) in enumerate(rows.items()):
+        ax.bar(i, r["owl_ratio"] - 1, bottom=1, color="C2" if r["named"] == "owl" else "C7", alpha=0.6)
+        ax.scatter([i] * len(r["owl_per_seed"]), r["owl_per_seed"], color="black", s=12, zorder=3)
+        ax.hlines(r["panel_max_ratio"], i - 0.4, i + 0.4, color="black", linestyle="--", linewidth=1)
+    ax.axhline(1, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(rows)), list(rows), fontsize=8)
+    ax.set_ylabel("owl share / 4 tree teachers' (geo. mean)", fontsize=8)
+    ax.set_title("soft labels shuffled alike in every arm: owl's ratio (dots: probe seeds; dashes: null)", fontsize=8)
+    fig.tight_layout()
+    write_png(fig, path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -89,6 +110,7 @@ def main() -> None:
         row["fraction_of_owl_left"] = math.log(row["owl_ratio"]) / written_log
     (OUT / "ablations").mkdir(exist_ok=True)
     (OUT / "ablations" / "shuffle_panel.json").write_text(json.dumps({"dataset": owl, "members": MEMBERS, **rows}, indent=2))
+    figure(rows, Path("docs/figures/shuffle_soft_labels.png"))
     print("| labels (owl and 4 tree teachers alike) | owl over the members | per seed | rank of 20 | owl's log ratio left "
           "| panel rule | top 3 | members' null |\n|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
